@@ -1,0 +1,1592 @@
+"""Phase-aware learning-rate control on CIFAR-10, in one file.
+
+A PhaseController watches dL, the smoothed per-epoch change of the training loss, and walks
+through four phases -- explore, boundary, axis lock, polish. Each phase multiplies the
+learning rate of a shared warmup+cosine schedule and sets the gradient accumulation (the
+effective batch). For every seed this file trains a narrow CIFAR ResNet from identical
+weights on identical batches twice: a baseline arm on the schedule alone and a phase-aware
+arm whose only difference is the controller (optionally a third, LR-matched control arm).
+
+Evidence: README.md, "Results" and "What has been measured": every number there names the
+machine, the data and the command that produced it.
+
+The file reads top to bottom in the order data flows:
+    hyperparameters -> data (safe CIFAR-10 reading, synthetic task, splits) -> device-resident
+    loader -> network -> schedule and PhaseController -> training (one loop serves every arm)
+    -> statistics and summary -> figures -> replay -> command line
+
+    python phase_controller.py                  # seed 42, baseline vs phase-aware, 30 epochs
+    python phase_controller.py --multi-seed     # seeds 42,137,2024 plus a paired summary
+    python phase_controller.py --dataset synthetic --subset 512 --width 8 --epochs 6
+"""
+
+import argparse
+import copy
+import csv
+import functools
+import glob
+import json
+import math
+import os
+import pickle
+import random
+import re
+import shlex
+import signal
+import socket
+import sys
+import tarfile
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# cuBLAS is deterministic only with this workspace setting, and it must be set before CUDA
+# starts; CUDA starts lazily, so setting it at import time is early enough.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+#############################################
+#              Hyperparameters              #
+#############################################
+
+# Training, shared by every arm.
+EPOCHS = 30
+WARMUP_EPOCHS = 2
+BASE_LR = 0.01
+BATCH_SIZE = 128
+MOMENTUM = 0.9
+WEIGHT_DECAY = 5e-4
+WIDTH = 32  # channels of the first stage; 696,618 parameters at 32
+# Evaluation batches: accelerators want large ones; CPU convolutions ran 1.2-1.8x faster at 128
+# than at 1000 on the 2-core machine this was built on (cache-sized batches).
+EVAL_BATCH_SIZE = {"cpu": 128, "other": 1000}
+
+# The phase controller (PhaseController's defaults and the CLI's).
+S1_THRESHOLD = -0.02  # dL below this (loss falling fast) ends exploration
+S2_THRESHOLD = 0.005  # |dL| below this (loss flat) locks the axis
+LR_PULSE = 1.10  # LR multiplier while in S1_BOUNDARY
+GRAD_ACCUM = 2  # micro-batches per optimizer step in S2 and S3
+S3_PATIENCE = 5  # evaluations without improvement in S2 before S3
+DL_WINDOW = 3  # first differences averaged into dL
+EVAL_MIN_DELTA = 1e-4  # an eval loss must beat the best by this much to count as progress
+
+# Runs.
+SEED = 42
+SEEDS = "42,137,2024"
+OUTPUT_DIR = "results"
+DATA_DIR = "data"
+
+# Data.
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+CROP_PADDING = 4
+SPLIT_SEED = 0  # the one permutation behind --subset and --val-size, the same for every --seed
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
+CIFAR_ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR_FOLDER = "cifar-10-batches-py"
+CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR_CASES_PER_BATCH = 10000
+
+# The settings that define what a seed's run computes. Two runs that agree on these (and the
+# seed) produce the same numbers, so these are what --resume and --summarize compare.
+RUN_KEYS = (
+    "dataset", "subset", "val_size", "epochs", "warmup_epochs", "base_lr", "batch_size",
+    "width", "momentum", "weight_decay", "precision", "control", "s1_threshold",
+    "s2_threshold", "lr_pulse", "grad_accum", "s3_patience", "dl_window",
+)  # fmt: skip
+TIMING_KEYS = ("time_seconds", "train_seconds", "eval_seconds")
+
+
+class UserError(Exception):
+    """A problem the user can fix (arguments, data, files): reported in one line, exit 2."""
+
+
+def write_atomically(path, write):
+    """write(tmp_path) then rename over path, so no reader ever sees a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, allow_nan=False)
+            f.write("\n")
+
+    write_atomically(path, write)
+
+
+#############################################
+#          Data: CIFAR-10 on disk           #
+#############################################
+
+# The official batch files are Python 2 pickles of dicts holding lists, strings and one numpy
+# array. An ordinary unpickler would run whatever a tampered file names, so this one resolves
+# only what those files need: numpy's array reconstruction (under its numpy 1 and numpy 2
+# module names) and dtypes. Everything else in them is plain pickle opcodes.
+_RECONSTRUCT = np.zeros(0).__reduce__()[0]
+_SAFE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
+
+
+class SafeCifarUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in _SAFE_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return _SAFE_GLOBALS[(module, name)]
+
+
+def read_cifar_pickle(path):
+    """One batch or meta file as a dict with str keys (files written with bytes keys too)."""
+    try:
+        with open(path, "rb") as f:
+            obj = SafeCifarUnpickler(f, encoding="latin1").load()
+    except FileNotFoundError:
+        raise UserError(f"{path}: file missing") from None
+    except Exception as e:
+        raise UserError(f"{path}: not a readable CIFAR-10 pickle ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a dict, found {type(obj).__name__}")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def read_cifar_batch(path, count):
+    """Images (count, 3, 32, 32) uint8 and labels (count,) int64 of one batch file, checked."""
+    batch = read_cifar_pickle(path)
+    data, labels = batch.get("data"), batch.get("labels")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.shape != (count, 3072):
+        found = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise UserError(f"{path}: 'data' should be uint8 of shape ({count}, 3072), found {found}")
+    labels = np.asarray(labels)
+    if labels.shape != (count,) or not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{path}: 'labels' should be {count} integers, found {labels.dtype} {labels.shape}")
+    if labels.min() < 0 or labels.max() > 9:
+        raise UserError(f"{path}: labels must lie in 0-9, found {labels.min()}..{labels.max()}")
+    # Each row holds the red plane, then green, then blue, each 32x32 row-major.
+    return data.reshape(count, 3, 32, 32), labels.astype(np.int64)
+
+
+def read_cifar10(folder):
+    """(train_x, train_y, test_x, test_y) from a cifar-10-batches-py folder, every file checked.
+
+    Batch sizes are checked against the folder's own batches.meta, so a smaller folder in the
+    same format (as the tests write) reads too; the full dataset has 10,000 per batch.
+    """
+    folder = Path(folder)
+    meta = read_cifar_pickle(folder / "batches.meta")
+    count, names = meta.get("num_cases_per_batch"), meta.get("label_names")
+    if not isinstance(count, int) or count < 1:
+        raise UserError(f"{folder / 'batches.meta'}: 'num_cases_per_batch' is {count!r}")
+    if not isinstance(names, list) or len(names) != 10:
+        raise UserError(f"{folder / 'batches.meta'}: 'label_names' should list 10 classes")
+    train = [read_cifar_batch(folder / name, count) for name in CIFAR_TRAIN_FILES]
+    test_x, test_y = read_cifar_batch(folder / "test_batch", count)
+    train_x = np.concatenate([x for x, _ in train])
+    train_y = np.concatenate([y for _, y in train])
+    return train_x, train_y, test_x, test_y
+
+
+def download_cifar10_archive(dest_dir):
+    """The official archive into dest_dir; torchvision's helper checks its MD5."""
+    from torchvision.datasets.utils import download_url
+
+    download_url(CIFAR_URL, str(dest_dir), CIFAR_ARCHIVE, CIFAR_ARCHIVE_MD5)
+    return Path(dest_dir) / CIFAR_ARCHIVE
+
+
+def md5_matches(path, md5):
+    from torchvision.datasets.utils import check_integrity
+
+    return check_integrity(str(path), md5)
+
+
+def extract_cifar_archive(archive, dest_dir):
+    # Only the dataset's own folder, and only plain files and folders inside it: an archive
+    # from elsewhere cannot write outside dest_dir or plant links.
+    with tarfile.open(archive, "r:gz") as tar:
+        members = [
+            m for m in tar.getmembers()
+            if (m.isfile() or m.isdir()) and Path(m.name).parts[:1] == (CIFAR_FOLDER,)
+            and ".." not in Path(m.name).parts
+        ]  # fmt: skip
+        extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(dest_dir, members=members, **extra)
+
+
+def prepare_cifar10(data_dir):
+    """The path of a valid cifar-10-batches-py folder in data_dir, unpacked or downloaded if needed.
+
+    Unpacking and downloading happen in a hidden temporary folder that is renamed into place
+    only after every file has been read and checked, so an interrupted download, a failed
+    checksum or a broken archive leaves no half-written dataset behind.
+    """
+    data_dir = Path(data_dir)
+    folder = data_dir / CIFAR_FOLDER
+    if folder.is_dir():
+        return folder
+    how_to_fix = (
+        f"put the official {CIFAR_ARCHIVE} into {data_dir}/ (or unpack it there as "
+        f"{folder}/), or point --data-dir at the folder that holds {CIFAR_FOLDER}/"
+    )
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --data-dir {data_dir} ({e.strerror})") from None
+    archive = data_dir / CIFAR_ARCHIVE
+    with tempfile.TemporaryDirectory(dir=data_dir, prefix=".cifar10-unpacking-") as tmp:
+        if archive.exists():
+            if not md5_matches(archive, CIFAR_ARCHIVE_MD5):
+                raise UserError(
+                    f"{archive}: MD5 differs from the official archive's; unpack it yourself "
+                    f"as {folder}/ to use it anyway (its files are then read and checked)"
+                )
+            print(f"unpacking {archive}")
+        else:
+            print(f"CIFAR-10 not found in {data_dir}; downloading {CIFAR_URL}")
+            previous_timeout = socket.getdefaulttimeout()
+            socket.setdefaulttimeout(60)
+            try:
+                archive = download_cifar10_archive(tmp)
+            except Exception as e:
+                raise UserError(f"CIFAR-10 could not be downloaded ({e}); {how_to_fix}") from None
+            finally:
+                socket.setdefaulttimeout(previous_timeout)
+        try:
+            extract_cifar_archive(archive, tmp)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise UserError(f"{archive}: cannot unpack ({e}); {how_to_fix}") from None
+        read_cifar10(Path(tmp) / CIFAR_FOLDER)
+        os.replace(Path(tmp) / CIFAR_FOLDER, folder)
+    return folder
+
+
+#############################################
+#     Data: synthetic task and the splits   #
+#############################################
+
+
+class Dataset(NamedTuple):
+    name: str  # "cifar10" or "synthetic"
+    train_x: np.ndarray  # (N, 3, 32, 32) uint8
+    train_y: np.ndarray  # (N,) int64
+    test_x: np.ndarray
+    test_y: np.ndarray
+
+
+def synthetic_dataset(seed, n_train=2048, n_test=256):
+    """A small learnable 10-class task of 32x32 images, made from the seed alone.
+
+    Each class is a coarse random colour pattern; an image is its class pattern under heavy
+    pixel noise, so a small network learns it gradually rather than in one step. For smoke
+    runs and tests only: never reported as CIFAR-10.
+    """
+    rng = np.random.default_rng(seed)
+    patterns = np.kron(rng.normal(size=(10, 3, 4, 4)), np.ones((8, 8)))  # (10, 3, 32, 32)
+
+    def draw(n):
+        labels = rng.integers(0, 10, size=n)
+        pixels = 128 + 60 * patterns[labels] + rng.normal(0, 60, size=(n, 3, 32, 32))
+        return np.clip(pixels, 0, 255).astype(np.uint8), labels.astype(np.int64)
+
+    train_x, train_y = draw(n_train)
+    test_x, test_y = draw(n_test)
+    return Dataset("synthetic", train_x, train_y, test_x, test_y)
+
+
+def split_indices(n_train, subset, val_size):
+    """(train, val) indices into the training split: val is the first val_size images of one
+    fixed permutation, train the next `subset` (all the rest when subset is 0). Disjoint."""
+    if val_size + max(subset, 1) > n_train:
+        raise UserError(
+            f"--val-size {val_size} and --subset {subset} need more than the {n_train} training images available"
+        )
+    order = np.random.default_rng(SPLIT_SEED).permutation(n_train)
+    val, rest = order[:val_size], order[val_size:]
+    return (rest[:subset] if subset else rest), val
+
+
+#############################################
+#         Loader: whole splits on device    #
+#############################################
+
+
+def epoch_generator(seed, epoch):
+    """The one source of batch order and augmentation for an epoch: a function of (seed, epoch)
+    only, so every arm sees identical batches whatever else has consumed randomness."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+
+
+def crop_and_flip(images, shifts, flips, padding=CROP_PADDING):
+    """Random 32x32 crops of zero-padded images, then horizontal flips, for a whole batch at once.
+
+    images (B, C, H, W) uint8; shifts (B, 2) crop offsets into the padded image, in
+    [0, 2*padding]; flips (B,) bool. One gather, no per-image Python.
+    """
+    b, c, h, w = images.shape
+    padded = F.pad(images, (padding,) * 4)
+    rows = shifts[:, :1] + torch.arange(h, device=images.device)  # (B, H)
+    cols = shifts[:, 1:] + torch.arange(w, device=images.device)  # (B, W)
+    cols = torch.where(flips[:, None], cols.flip(1), cols)  # a flipped crop reads its columns backwards
+    batch_idx = torch.arange(b, device=images.device)[:, None, None, None]
+    chan_idx = torch.arange(c, device=images.device)[None, :, None, None]
+    return padded[batch_idx, chan_idx, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def memory_format_for(device, width):
+    """channels_last (faster), except on CPUs at narrow widths.
+
+    oneDNN's CPU kernel for the weight gradient of a 1x1 stride-2 convolution on channels_last
+    input with fewer input channels than its block (8 with AVX2, 16 with AVX-512) hangs,
+    crashes or returns wrong gradients (uxlfoundation/oneDNN#6035; reproduced here with torch
+    2.13 and 2.14 at widths 2-6). The shortcut convolutions here have width and 2*width inputs.
+    """
+    if device.type == "cpu" and width < 16:
+        return torch.contiguous_format
+    return torch.channels_last
+
+
+class DeviceSplit:
+    """One split held on the training device as uint8, served as normalized float batches."""
+
+    def __init__(self, images, labels, device, memory_format=torch.channels_last):
+        self.images = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
+        self.mean = torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1)
+        self.memory_format = memory_format
+
+    def __len__(self):
+        return len(self.labels)
+
+    def normalize(self, images):
+        x = (images.float() / 255 - self.mean) / self.std
+        return x.contiguous(memory_format=self.memory_format)
+
+    def train_batches(self, batch_size, seed, epoch):
+        """Shuffled, augmented batches; the last one may be smaller (nothing is dropped)."""
+        n, g = len(self), epoch_generator(seed, epoch)
+        # Drawn on the CPU so that batches are the same on every device type.
+        order = torch.randperm(n, generator=g)
+        shifts = torch.randint(0, 2 * CROP_PADDING + 1, (n, 2), generator=g)
+        flips = torch.rand(n, generator=g) < 0.5
+        device = self.images.device
+        order, shifts, flips = order.to(device), shifts.to(device), flips.to(device)
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            images = crop_and_flip(
+                self.images[idx], shifts[start : start + batch_size], flips[start : start + batch_size]
+            )
+            yield self.normalize(images), self.labels[idx]
+
+    def eval_batches(self, batch_size):
+        for start in range(0, len(self), batch_size):
+            end = start + batch_size
+            yield self.normalize(self.images[start:end]), self.labels[start:end]
+
+
+#############################################
+#                  Network                  #
+#############################################
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """The narrow CIFAR ResNet: a stem, three stages of two BasicBlocks (w, 2w, 4w), a linear head."""
+
+    def __init__(self, width=WIDTH, num_classes=10):
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(nn.Conv2d(3, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
+        self.stages = nn.Sequential(
+            BasicBlock(w, w, 1), BasicBlock(w, w, 1),
+            BasicBlock(w, 2 * w, 2), BasicBlock(2 * w, 2 * w, 1),
+            BasicBlock(2 * w, 4 * w, 2), BasicBlock(4 * w, 4 * w, 1),
+        )  # fmt: skip
+        self.head = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x):
+        # mean over H, W rather than adaptive pooling: its CUDA backward is not deterministic.
+        return self.head(self.stages(self.stem(x)).mean((2, 3)))
+
+
+def build_model(width, seed, device):
+    """The same initial weights for every arm of a seed."""
+    torch.manual_seed(seed)
+    return CifarResNet(width).to(device, memory_format=memory_format_for(device, width))
+
+
+#############################################
+#      Base schedule and PhaseController    #
+#############################################
+
+
+def base_lr_at(epoch, base_lr=BASE_LR, warmup_epochs=WARMUP_EPOCHS, epochs=EPOCHS):
+    """The shared schedule, constant within an epoch: linear warmup, then cosine to the end."""
+    if epoch < warmup_epochs:
+        return base_lr * (epoch + 1) / warmup_epochs
+    progress = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1)
+    return base_lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+PHASES = ("S0_EXPLORE", "S1_BOUNDARY", "S2_AXIS_LOCK", "S3_POLISH")
+S0_EXPLORE, S1_BOUNDARY, S2_AXIS_LOCK, S3_POLISH = PHASES
+
+
+def loss_slope(losses, window=DL_WINDOW):
+    """dL: the mean of the last min(window, n-1) first differences of a loss curve; 0 before two."""
+    n = len(losses)
+    if n < 2:
+        return 0.0
+    w = min(window, n - 1)
+    return (losses[-1] - losses[-1 - w]) / w
+
+
+class Recommendation(NamedTuple):
+    lr_mult: float  # multiplies the base schedule's LR; never compounds
+    grad_accum: int  # micro-batches per optimizer step
+
+
+class PhaseController:
+    """Detects training phases from the per-epoch training loss and recommends LR and accumulation.
+
+    Call observe(train_loss, eval_loss) once per epoch; it returns the Recommendation for the
+    next epoch. At most one transition per call, decided by the phase held when the call starts:
+
+        S0_EXPLORE   -> S1_BOUNDARY   when at least 3 losses are seen and dL < s1_threshold
+        S1_BOUNDARY  -> S2_AXIS_LOCK  when |dL| < s2_threshold
+        S2_AXIS_LOCK -> S3_POLISH     after s3_patience eval losses in S2 (not counting the call
+                                      that entered it) without beating the best by 1e-4
+        S3_POLISH is final.
+
+    Like torch's ReduceLROnPlateau, all state (settings and counters) is in state_dict().
+    """
+
+    def __init__(
+        self,
+        s1_threshold=S1_THRESHOLD,
+        s2_threshold=S2_THRESHOLD,
+        lr_pulse=LR_PULSE,
+        grad_accum=GRAD_ACCUM,
+        s3_patience=S3_PATIENCE,
+        window=DL_WINDOW,
+    ):
+        if not math.isfinite(s1_threshold):
+            raise ValueError(f"s1_threshold must be finite, got {s1_threshold}")
+        if not s2_threshold >= 0 or not math.isfinite(s2_threshold):
+            raise ValueError(f"s2_threshold must be >= 0, got {s2_threshold}")
+        if not lr_pulse > 0 or not math.isfinite(lr_pulse):
+            raise ValueError(f"lr_pulse must be > 0, got {lr_pulse}")
+        for name, value in (("grad_accum", grad_accum), ("s3_patience", s3_patience), ("window", window)):
+            if int(value) != value or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value}")
+        self.s1_threshold = float(s1_threshold)
+        self.s2_threshold = float(s2_threshold)
+        self.lr_pulse = float(lr_pulse)
+        self.grad_accum = int(grad_accum)
+        self.s3_patience = int(s3_patience)
+        self.window = int(window)
+        self.losses = []  # every training loss observed
+        self.dL = 0.0
+        self.phase = S0_EXPLORE
+        self.best_eval = math.inf  # best eval loss seen in S2
+        self.stale = 0  # evaluations in S2 since the best improved
+        self.transitions = []  # human-readable, one line per transition
+        self.transition_epochs = {}  # {"S1": epoch, ...}, the 0-based epoch that caused it
+
+    def recommendation(self):
+        """What the current phase asks of the next epoch: the phase -> multiplier table."""
+        lr_mult, grad_accum = {
+            S0_EXPLORE: (1.0, 1),
+            S1_BOUNDARY: (self.lr_pulse, 1),
+            S2_AXIS_LOCK: (0.5, self.grad_accum),
+            S3_POLISH: (0.1, self.grad_accum),
+        }[self.phase]
+        return Recommendation(lr_mult, grad_accum)
+
+    def observe(self, train_loss, eval_loss=None):
+        """Take one epoch's mean training loss (and eval loss); return the next epoch's Recommendation."""
+        if not math.isfinite(train_loss):
+            raise ValueError(f"train_loss must be finite, got {train_loss}")
+        if eval_loss is not None and not math.isfinite(eval_loss):
+            raise ValueError(f"eval_loss must be finite or None, got {eval_loss}")
+        self.losses.append(float(train_loss))
+        self.dL = loss_slope(self.losses, self.window)
+        if self.phase == S0_EXPLORE and len(self.losses) >= 3 and self.dL < self.s1_threshold:
+            self._enter(S1_BOUNDARY, f"dL {self.dL:+.4f} < s1_threshold {self.s1_threshold:+.4f}")
+        elif self.phase == S1_BOUNDARY and abs(self.dL) < self.s2_threshold:
+            self._enter(S2_AXIS_LOCK, f"|dL| {abs(self.dL):.4f} < s2_threshold {self.s2_threshold:.4f}")
+        elif self.phase == S2_AXIS_LOCK and eval_loss is not None:
+            if eval_loss < self.best_eval - EVAL_MIN_DELTA:
+                self.best_eval, self.stale = float(eval_loss), 0
+            else:
+                self.stale += 1
+            if self.stale >= self.s3_patience:
+                self._enter(S3_POLISH, f"eval loss not below {self.best_eval:.4f} for {self.stale} evaluations")
+        return self.recommendation()
+
+    def _enter(self, phase, reason):
+        epoch = len(self.losses) - 1
+        self.transitions.append(f"epoch {epoch}: {self.phase} -> {phase} ({reason})")
+        self.transition_epochs[phase[:2]] = epoch
+        self.phase = phase
+
+    def state_dict(self):
+        return copy.deepcopy(self.__dict__)
+
+    def load_state_dict(self, state_dict):
+        missing = set(self.__dict__) - set(state_dict)
+        if missing:
+            raise KeyError(f"PhaseController state_dict lacks {sorted(missing)}")
+        self.__dict__.update(copy.deepcopy(state_dict))
+
+
+def controller_from_config(config):
+    return PhaseController(
+        s1_threshold=config["s1_threshold"],
+        s2_threshold=config["s2_threshold"],
+        lr_pulse=config["lr_pulse"],
+        grad_accum=config["grad_accum"],
+        s3_patience=config["s3_patience"],
+        window=config["dl_window"],
+    )
+
+
+#############################################
+#        Training: one loop, every arm      #
+#############################################
+
+
+def native_bf16(device):
+    """Whether the hardware computes bf16 natively; emulated bf16 is slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+    return False
+
+
+def autocast_for(device, precision):
+    if precision == "bf16-autocast":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds every CUDA device too
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def train_epoch(model, optimizer, batches, grad_accum, autocast):
+    """One pass over batches; returns (mean per-sample loss, accuracy %), read from the device once.
+
+    With accumulation k each micro-batch loss is divided by k and the optimizer steps after
+    every k micro-batches and after the last one of the epoch.
+    """
+    model.train()
+    loss_sum, correct, seen, pending = 0.0, 0, 0, 0
+    for images, labels in batches:
+        with autocast:
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels)
+        (loss / grad_accum).backward()
+        pending += 1
+        if pending == grad_accum:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            pending = 0
+        # Device-side running sums: no host sync per step.
+        loss_sum = loss_sum + loss.detach().float() * len(labels)
+        correct = correct + (logits.argmax(1) == labels).sum()
+        seen += len(labels)
+    if pending:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return float(loss_sum) / seen, 100.0 * float(correct) / seen
+
+
+@torch.no_grad()
+def evaluate(model, split, autocast):
+    """(mean per-sample loss, accuracy %) over a whole split."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    device_type = "cpu" if split.images.device.type == "cpu" else "other"
+    for images, labels in split.eval_batches(EVAL_BATCH_SIZE[device_type]):
+        with autocast:
+            logits = model(images)
+        loss_sum = loss_sum + F.cross_entropy(logits.float(), labels, reduction="sum")
+        correct = correct + (logits.argmax(1) == labels).sum()
+    return float(loss_sum) / len(split), 100.0 * float(correct) / len(split)
+
+
+class Progress:
+    """Epoch counts and an ETA over all the epochs this process still has to train."""
+
+    def __init__(self, total_epochs):
+        self.total, self.done, self.seconds = total_epochs, 0, 0.0
+
+    def skip(self, epochs):  # epochs restored from a checkpoint, or never run (divergence)
+        self.total -= epochs
+
+    def tick(self, seconds):
+        self.done += 1
+        self.seconds += seconds
+        left = max(self.total - self.done, 0) * self.seconds / self.done
+        return f"{int(left // 60)}m{int(left % 60):02d}s"
+
+
+@dataclass
+class SeedRun:
+    """Everything one seed's arms share."""
+
+    seed: int
+    config: dict  # the results file's config
+    device: torch.device
+    train: DeviceSplit
+    test: DeviceSplit
+    val: DeviceSplit | None  # with --val-size: drives the controller and best-epoch selection
+    output_dir: Path
+    resume: bool
+    progress: Progress
+
+    def checkpoint_path(self, arm):
+        return self.output_dir / f"checkpoint_seed_{self.seed}_{arm}.pt"
+
+    @property
+    def autocast(self):
+        return autocast_for(self.device, self.config["precision"])
+
+
+def new_arm(name, controller, lr_mult):
+    keys = ["train_loss", "train_acc", "eval_loss", "eval_acc", "lr", "train_seconds", "eval_seconds"]
+    arm = {"name": name, "status": "ok", "time_seconds": 0.0}
+    if controller is None:
+        arm["lr_mult"] = lr_mult
+    else:
+        keys += ["phase", "dL", "lr_mult", "grad_accum"]
+    arm["per_epoch"] = {key: [] for key in keys}
+    return arm
+
+
+def run_arm(run, name, controller=None, lr_mult=1.0):
+    """Train one arm of a seed; the controller (or a constant lr_mult) is all that differs between arms.
+
+    After every epoch the whole state is checkpointed atomically, so --resume continues from the
+    last completed epoch exactly as if never interrupted. A non-finite loss stops the arm.
+    """
+    epochs = run.config["epochs"]
+    model = build_model(run.config["width"], run.seed, run.device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    arm, start = restore_arm(run, name, model, optimizer, controller) or (new_arm(name, controller, lr_mult), 0)
+    if arm["status"] != "ok":  # it diverged before the interruption: nothing left to train
+        run.progress.skip(epochs - start)
+        start = epochs
+    lr_mult, grad_accum = controller.recommendation() if controller is not None else (lr_mult, 1)
+    for epoch in range(start, epochs):
+        lr = base_lr_at(epoch, run.config["base_lr"], run.config["warmup_epochs"], epochs) * lr_mult
+        row = train_and_evaluate(run, model, optimizer, epoch, lr, grad_accum)
+        arm["time_seconds"] += row["train_seconds"] + row["eval_seconds"]
+        diverged = [
+            f"{k} {row[k]}" for k in ("train_loss", "eval_loss", "val_loss") if not math.isfinite(row.get(k, 0))
+        ]
+        if diverged:
+            arm.update(status="diverged", diverged_epoch=epoch, diverged_reason=", ".join(diverged))
+            print(f"seed {run.seed} {name}: DIVERGED at epoch {epoch} ({arm['diverged_reason']}); arm stopped")
+            run.progress.skip(epochs - epoch)
+        else:
+            if controller is not None:
+                # lr_mult and grad_accum as applied in this epoch; phase and dL after observing it.
+                row.update(lr_mult=lr_mult, grad_accum=grad_accum)
+                lr_mult, grad_accum = controller.observe(row["train_loss"], row.get("val_loss", row["eval_loss"]))
+                row.update(phase=controller.phase, dL=controller.dL)
+            for key, value in row.items():
+                arm["per_epoch"].setdefault(key, []).append(value)
+            log_epoch(run, name, epoch, row, run.progress.tick(row["train_seconds"] + row["eval_seconds"]))
+        save_checkpoint(run, name, model, optimizer, controller, arm, epoch + 1)
+        if diverged:
+            break
+    if controller is not None:
+        arm["transitions"] = list(controller.transitions)
+        arm["transition_epochs"] = dict(controller.transition_epochs)
+    return finish_arm(arm, selected_by="val_acc" if run.val is not None else "eval_acc")
+
+
+def train_and_evaluate(run, model, optimizer, epoch, lr, grad_accum):
+    """One epoch of training at lr, then evaluation: the epoch's row of per_epoch values."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    t0 = time.perf_counter()
+    batches = run.train.train_batches(run.config["batch_size"], run.seed, epoch)
+    row = {}
+    row["train_loss"], row["train_acc"] = train_epoch(model, optimizer, batches, grad_accum, run.autocast)
+    t1 = time.perf_counter()
+    if math.isfinite(row["train_loss"]):  # a diverged model is not worth evaluating
+        row["eval_loss"], row["eval_acc"] = evaluate(model, run.test, run.autocast)
+        if run.val is not None:
+            row["val_loss"], row["val_acc"] = evaluate(model, run.val, run.autocast)
+    row.update(lr=lr, train_seconds=t1 - t0, eval_seconds=time.perf_counter() - t1)
+    return row
+
+
+def restore_arm(run, name, model, optimizer, controller):
+    """(arm record, next epoch) from the arm's checkpoint when resuming; None when starting afresh."""
+    path = run.checkpoint_path(name)
+    if not (run.resume and path.exists()):
+        return None
+    state = torch.load(path, map_location=run.device, weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if controller is not None:
+        controller.load_state_dict(state["controller"])
+    run.progress.skip(state["next_epoch"])
+    print(f"seed {run.seed} {name}: resumed after epoch {state['next_epoch'] - 1}")
+    return state["arm"], state["next_epoch"]
+
+
+def save_checkpoint(run, name, model, optimizer, controller, arm, next_epoch):
+    state = {
+        "config": run.config,
+        "next_epoch": next_epoch,
+        "arm": arm,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "controller": None if controller is None else controller.state_dict(),
+    }
+    write_atomically(run.checkpoint_path(name), lambda tmp: torch.save(state, tmp))
+
+
+def finish_arm(arm, selected_by):
+    """Best and final test accuracy. Best is the test accuracy at the epoch with the best
+    selection metric: the test accuracy itself by default, validation accuracy with --val-size."""
+    log = arm["per_epoch"]
+    if log["eval_acc"]:
+        best = int(np.argmax(log[selected_by]))  # the earliest epoch among ties
+        arm.update(best_acc=log["eval_acc"][best], best_epoch=best, final_acc=log["eval_acc"][-1])
+    else:
+        arm.update(best_acc=None, best_epoch=None, final_acc=None)
+    arm["selected_by"] = "validation" if selected_by == "val_acc" else "test"
+    return arm
+
+
+def log_epoch(run, name, epoch, row, eta):
+    line = (
+        f"seed {run.seed} {name:<11} epoch {epoch + 1:>3}/{run.config['epochs']}"
+        f"  train {row['train_loss']:.4f}  eval {row['eval_loss']:.4f}  acc {row['eval_acc']:6.2f}%"
+    )
+    if "val_acc" in row:
+        line += f"  val {row['val_loss']:.4f} {row['val_acc']:6.2f}%"
+    line += f"  lr {row['lr']:.5f}"
+    if "phase" in row:
+        line += f"  {row['phase']} accum {row['grad_accum']}"
+    seconds = row["train_seconds"] + row["eval_seconds"]
+    print(f"{line}  {seconds:.1f}s  ETA {eta}")
+
+
+def delta(a, b):
+    return None if a is None or b is None else a - b
+
+
+def run_seed(run):
+    """All arms of one seed; writes results_seed_N.json and figure_seed_N.png, then drops the checkpoints."""
+    seed_everything(run.seed)
+    cfg = run.config
+    arms = {"baseline": run_arm(run, "baseline")}
+    arms["phase_aware"] = run_arm(run, "phase_aware", controller=controller_from_config(cfg))
+    if cfg["control"] == "lr-matched":
+        applied = arms["phase_aware"]["per_epoch"]["lr_mult"]
+        arms["control"] = run_arm(run, "control", lr_mult=float(np.mean(applied)) if applied else 1.0)
+    results = {"config": cfg, **arms}
+    for other in [name for name in arms if name != "phase_aware"]:
+        suffix = "" if other == "baseline" else f"_vs_{other}"
+        for metric in ("best_acc", "final_acc"):
+            results[f"delta_{metric}{suffix}"] = delta(arms["phase_aware"][metric], arms[other][metric])
+    write_json(run.output_dir / f"results_seed_{run.seed}.json", results)
+    plot_seed(results, run.output_dir / f"figure_seed_{run.seed}.png")
+    for name in arms:
+        run.checkpoint_path(name).unlink(missing_ok=True)
+    print_seed_result(results)
+    return results
+
+
+def print_seed_result(results):
+    seed = results["config"]["seed"]
+    for name in ("baseline", "phase_aware", "control"):
+        if name in results:
+            arm = results[name]
+            status = "" if arm["status"] == "ok" else f"  [{arm['status']} at epoch {arm['diverged_epoch']}]"
+            print(f"seed {seed} {name:<11} best {fmt_acc(arm['best_acc'])}  final {fmt_acc(arm['final_acc'])}{status}")
+    print(
+        f"seed {seed} delta (phase_aware - baseline): best {fmt_acc(results['delta_best_acc'], '+')}"
+        f"  final {fmt_acc(results['delta_final_acc'], '+')}"
+    )
+    for line in results["phase_aware"].get("transitions", []):
+        print(f"seed {seed} transition {line}")
+
+
+def fmt_acc(value, sign=""):
+    return "n/a" if value is None else f"{value:{sign}.2f}%"
+
+
+#############################################
+#        Statistics and the summary         #
+#############################################
+
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+EXACT_SIGN_FLIP_MAX_N = 16  # 2^16 sign patterns; beyond that a fixed-seed Monte Carlo sample
+
+
+def bootstrap_ci(values, resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED):
+    """95% percentile bootstrap interval of the mean."""
+    values = np.asarray(values, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(values), size=(resamples, len(values)))
+    low, high = np.percentile(values[idx].mean(axis=1), [2.5, 97.5])
+    return [float(low), float(high)]
+
+
+def sign_flip_p_value(deltas):
+    """Two-sided paired sign-flip permutation p-value of the mean delta.
+
+    Under the null the sign of each seed's delta is a coin flip: p is the share of sign patterns
+    whose |mean| is at least the observed |mean|. Exact (all 2^n patterns) for n <= 16.
+    """
+    d = np.asarray(deltas, dtype=float)
+    n = len(d)
+    exact = n <= EXACT_SIGN_FLIP_MAX_N
+    if exact:
+        bits = (np.arange(2**n)[:, None] >> np.arange(n)) & 1
+    else:
+        bits = np.random.default_rng(BOOTSTRAP_SEED).integers(0, 2, size=(100_000, n))
+    extreme = np.sum(np.abs(((1 - 2 * bits) * d).mean(axis=1)) >= abs(d.mean()) - 1e-12)
+    # A sampled p-value counts the observed pattern too, so that it is never 0.
+    return float(extreme / len(bits)) if exact else float((extreme + 1) / (len(bits) + 1))
+
+
+def paired_stats(deltas):
+    d = np.asarray(deltas, dtype=float)
+    return {
+        "per_seed": [float(x) for x in d],
+        "mean": float(d.mean()),
+        "median": float(np.median(d)),
+        "std": float(d.std(ddof=1)) if len(d) > 1 else None,
+        "ci95": bootstrap_ci(d),
+        "p_value": sign_flip_p_value(d),
+        "positive": int((d > 0).sum()),
+        "total": len(d),
+    }
+
+
+def describe(values):
+    present = [v for v in values if v is not None]
+    return {
+        "mean": float(np.mean(present)) if present else None,
+        "std": float(np.std(present, ddof=1)) if len(present) > 1 else None,
+        "per_seed": values,
+    }
+
+
+def load_seed_results(folder, seeds=None):
+    """{seed: results} from results_seed_N.json files, refusing any whose run settings disagree."""
+    folder = Path(folder)
+    if seeds is None:
+        found = [
+            re.fullmatch(r"results_seed_(-?\d+)\.json", Path(p).name)
+            for p in glob.glob(str(folder / "results_seed_*.json"))
+        ]
+        seeds = [int(m.group(1)) for m in found if m]
+        if not seeds:
+            raise UserError(f"no results_seed_N.json files in {folder}")
+    results, reference = {}, None
+    for seed in sorted(seeds):
+        path = folder / f"results_seed_{seed}.json"
+        try:
+            results[seed] = json.loads(path.read_text())
+            identity = run_identity(results[seed]["config"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{path}: not a readable results file ({type(e).__name__}: {e})") from None
+        if reference is None:
+            reference = (path, identity)
+        elif identity != reference[1]:
+            diff = ", ".join(
+                f"{k}={identity[k]!r} vs {reference[1][k]!r}" for k in RUN_KEYS if identity[k] != reference[1][k]
+            )
+            raise UserError(f"{path.name} and {reference[0].name} were run with different settings: {diff}")
+    return results
+
+
+def build_summary(results):
+    seeds = sorted(results)
+    arms = [a for a in ("baseline", "phase_aware", "control") if a in results[seeds[0]]]
+    summary = {"seeds": seeds, "config": run_identity(results[seeds[0]]["config"]), "arms": {}, "comparisons": {}}
+    for arm in arms:
+        summary["arms"][arm] = {
+            metric: describe([results[s][arm][metric] for s in seeds]) for metric in ("best_acc", "final_acc")
+        }
+        summary["arms"][arm]["status"] = {str(s): results[s][arm]["status"] for s in seeds}
+    for other in [name for name in arms if name != "phase_aware"]:
+        comparison = {}
+        for metric in ("best_acc", "final_acc"):
+            pairs = [(results[s]["phase_aware"][metric], results[s][other][metric]) for s in seeds]
+            deltas = [a - b for a, b in pairs if a is not None and b is not None]
+            comparison[metric] = paired_stats(deltas) if deltas else None
+        summary["comparisons"][f"phase_aware_vs_{other}"] = comparison
+    summary["transitions"] = {str(s): results[s]["phase_aware"].get("transition_epochs", {}) for s in seeds}
+    return summary
+
+
+def write_summary(folder, seeds=None):
+    results = load_seed_results(folder, seeds)
+    summary = build_summary(results)
+    write_json(Path(folder) / "multi_seed_summary.json", summary)
+    plot_summary(results, summary, Path(folder) / "multi_seed_summary.png")
+    print_summary(summary)
+    return summary
+
+
+def print_summary(summary):
+    print(f"\nsummary over seeds {summary['seeds']}")
+    for arm, stats in summary["arms"].items():
+        best, final = stats["best_acc"], stats["final_acc"]
+        print(
+            f"  {arm:<11} best {fmt_acc(best['mean'])} +- {fmt_acc(best['std'])}"
+            f"  final {fmt_acc(final['mean'])} +- {fmt_acc(final['std'])}"
+        )
+    for name, comparison in summary["comparisons"].items():
+        for metric, s in comparison.items():
+            if s is None:
+                print(f"  {name} {metric}: no seed with both arms finished")
+                continue
+            print(
+                f"  {name} {metric}: mean {s['mean']:+.2f} (95% CI {s['ci95'][0]:+.2f}..{s['ci95'][1]:+.2f}), "
+                f"sign-flip p = {s['p_value']:.3f}, {s['positive']}/{s['total']} seeds positive"
+            )
+
+
+#############################################
+#                  Figures                  #
+#############################################
+
+PHASE_COLORS = {S0_EXPLORE: "#dddddd", S1_BOUNDARY: "#ffd8a8", S2_AXIS_LOCK: "#a5d8ff", S3_POLISH: "#b2f2bb"}
+ARM_STYLES = {
+    "baseline": ("tab:gray", "baseline"),
+    "phase_aware": ("tab:red", "phase-aware"),
+    "control": ("tab:blue", "LR-matched control"),
+}
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def shade_phases(ax, phases):
+    """Background colour per epoch by the phase the controller was in after that epoch."""
+    for epoch, phase in enumerate(phases):
+        ax.axvspan(epoch - 0.5, epoch + 0.5, color=PHASE_COLORS[phase], alpha=0.5, lw=0)
+
+
+def mark_transitions(ax, transition_epochs):
+    for key, epoch in transition_epochs.items():
+        ax.axvline(epoch, color="k", ls=":", lw=1)
+        ax.annotate(f" {key}", (epoch, 0.98), xycoords=("data", "axes fraction"), ha="left", va="top", fontsize=8)
+
+
+def phase_legend(fig):
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=color, alpha=0.5, label=phase) for phase, color in PHASE_COLORS.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=4, frameon=False)
+
+
+def save_figure(fig, path):
+    plt = pyplot()
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def plot_seed(results, path):
+    """2x2: test accuracy, training loss, dL with the S1 threshold, LR (log); shaded by phase."""
+    plt = pyplot()
+    cfg, phase_arm = results["config"], results["phase_aware"]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), sharex=True)
+    panels = [
+        ("eval_acc", "test accuracy (%)"),
+        ("train_loss", "training loss"),
+        ("dL", "dL (smoothed loss slope)"),
+        ("lr", "learning rate"),
+    ]
+    for ax, (key, title) in zip(axes.flat, panels, strict=True):
+        shade_phases(ax, phase_arm["per_epoch"]["phase"])
+        mark_transitions(ax, phase_arm.get("transition_epochs", {}))
+        for name in ("baseline", "phase_aware", "control"):
+            if name not in results:
+                continue
+            log = results[name]["per_epoch"]
+            values = (
+                log[key]
+                if key != "dL"
+                else [loss_slope(log["train_loss"][: i + 1], cfg["dl_window"]) for i in range(len(log["train_loss"]))]
+            )
+            color, label = ARM_STYLES[name]
+            ax.plot(range(len(values)), values, color=color, label=label, lw=1.6)
+        ax.set_title(title)
+    axes[1, 0].axhline(cfg["s1_threshold"], color="tab:orange", ls="--", lw=1, label="S1 threshold")
+    if any(results[name]["per_epoch"]["lr"] for name in ARM_STYLES if name in results):
+        axes[1, 1].set_yscale("log")  # not while empty: every arm diverged in its first epoch
+    for ax in axes[1]:
+        ax.set_xlabel("epoch")
+    axes[0, 0].legend(loc="lower right")
+    axes[1, 0].legend(loc="lower right")
+    fig.suptitle(f"{describe_data(cfg)}, seed {cfg['seed']}, width {cfg['width']}, {cfg['epochs']} epochs")
+    phase_legend(fig)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    save_figure(fig, path)
+
+
+def plot_summary(results, summary, path):
+    """Mean +- std test accuracy per arm across seeds with transition marks; per-seed deltas as bars."""
+    plt = pyplot()
+    seeds = summary["seeds"]
+    fig, (curves, bars) = plt.subplots(1, 2, figsize=(13, 5))
+    for name in summary["arms"]:
+        logs = [results[s][name]["per_epoch"]["eval_acc"] for s in seeds]
+        epochs = max(map(len, logs))
+        table = np.full((len(logs), epochs), np.nan)
+        for row, log in zip(table, logs, strict=True):
+            row[: len(log)] = log
+        count = np.sum(~np.isnan(table), axis=0)
+        mean = np.nansum(table, axis=0) / np.maximum(count, 1)
+        spread = np.sqrt(np.nansum((table - mean) ** 2, axis=0) / np.maximum(count - 1, 1))
+        color, label = ARM_STYLES[name]
+        curves.plot(range(epochs), mean, color=color, label=label)
+        curves.fill_between(range(epochs), mean - spread, mean + spread, color=color, alpha=0.2)
+    for seed in seeds:
+        for key, epoch in summary["transitions"][str(seed)].items():
+            curves.axvline(epoch, color="k", ls=":", lw=0.8, alpha=0.6)
+            curves.annotate(key, (epoch, 0.01), xycoords=("data", "axes fraction"), fontsize=7)
+    curves.set(title=f"test accuracy, mean +- std over {len(seeds)} seeds", xlabel="epoch", ylabel="%")
+    curves.legend(loc="lower right")
+    x = np.arange(len(seeds))
+    comparisons = [(name, metric) for name in summary["comparisons"] for metric in ("best_acc", "final_acc")]
+    width = 0.8 / len(comparisons)
+    for i, (name, metric) in enumerate(comparisons):
+        other = name.removeprefix("phase_aware_vs_")
+        values = [delta(results[s]["phase_aware"][metric], results[s][other][metric]) for s in seeds]
+        bars.bar(x + i * width, [np.nan if v is None else v for v in values], width, label=f"{metric} vs {other}")
+    bars.axhline(0, color="k", lw=0.8)
+    bars.set_xticks(x + width * (len(comparisons) - 1) / 2, [str(s) for s in seeds])
+    bars.set(title="phase-aware minus other arm, per seed", xlabel="seed", ylabel="accuracy points")
+    bars.legend()
+    fig.suptitle(describe_data(summary["config"]))
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def describe_data(cfg):
+    name = "CIFAR-10" if cfg["dataset"] == "cifar10" else "synthetic task (not CIFAR-10)"
+    return name + (f", {cfg['subset']}-image subset" if cfg["subset"] else "")
+
+
+#############################################
+#        Replay: phases of a logged run     #
+#############################################
+
+
+def read_loss_log(path):
+    """(train_losses, eval_losses or None, recorded phases or None) from a results_seed_N.json,
+    a JSON list of training losses, or a CSV with a train_loss (and optional eval_loss) column."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise UserError(f"--replay {path}: cannot read ({e.strerror})") from None
+    eval_losses = phases = None
+    try:
+        if path.suffix.lower() == ".csv":
+            rows = list(csv.DictReader(text.splitlines()))
+            if not rows or "train_loss" not in rows[0]:
+                raise ValueError("needs a header with a train_loss column and at least one row")
+            train = [float(r["train_loss"]) for r in rows]
+            if "eval_loss" in rows[0]:
+                eval_losses = [float(r["eval_loss"]) if r["eval_loss"].strip() else None for r in rows]
+        else:
+            data = json.loads(text)
+            if isinstance(data, dict):  # a results file: the phase arm's view of the run
+                log = data["phase_aware"]["per_epoch"]
+                train, phases = log["train_loss"], log["phase"]
+                eval_losses = log.get("val_loss", log["eval_loss"])
+            elif isinstance(data, list) and all(isinstance(v, int | float) and not isinstance(v, bool) for v in data):
+                train = data
+            else:
+                raise ValueError("expected a results file or a JSON list of numbers")
+        if not train:
+            raise ValueError("no losses in it")
+        if not all(math.isfinite(v) for v in train + [e for e in eval_losses or [] if e is not None]):
+            raise ValueError("losses must be finite numbers")
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--replay {path}: {e}") from None
+    return [float(v) for v in train], eval_losses, phases
+
+
+def replay(args):
+    train, eval_losses, recorded = read_loss_log(args.replay)
+    cfg = vars(args)
+    controller = controller_from_config(cfg)
+    print(f"replaying {len(train)} epochs of {args.replay}")
+    print("epoch  train_loss  eval_loss        dL  phase          next lr_mult  next accum")
+    rows = []
+    for epoch, loss in enumerate(train):
+        eval_loss = eval_losses[epoch] if eval_losses else None
+        lr_mult, accum = controller.observe(loss, eval_loss)
+        phase = controller.phase
+        rows.append(
+            {
+                "epoch": epoch,
+                "train_loss": loss,
+                "eval_loss": eval_loss,
+                "dL": controller.dL,
+                "phase": phase,
+                "lr_mult": lr_mult,
+                "grad_accum": accum,
+            }
+        )
+        shown = "" if eval_loss is None else f"{eval_loss:.4f}"
+        print(f"{epoch:>5}  {loss:10.4f}  {shown:>9}  {controller.dL:+.5f}  {phase:<13}  {lr_mult:12.2f}  {accum:10d}")
+    for line in controller.transitions:
+        print(f"transition {line}")
+    if recorded is not None:
+        mismatched = [e for e, (row, phase) in enumerate(zip(rows, recorded, strict=True)) if row["phase"] != phase]
+        print(
+            "matches the phases recorded in the file"
+            if not mismatched
+            else f"differs from the recorded phases at epochs {mismatched} (were the thresholds the same?)"
+        )
+    stem = Path(args.replay).stem
+    out = Path(args.output_dir)
+    settings = {
+        k: getattr(controller, k)
+        for k in ("s1_threshold", "s2_threshold", "lr_pulse", "grad_accum", "s3_patience", "window")
+    }
+    replay_result = {
+        "source": str(args.replay),
+        "controller": settings,
+        "per_epoch": rows,
+        "transitions": controller.transitions,
+        "transition_epochs": controller.transition_epochs,
+    }
+    write_json(out / f"replay_{stem}.json", replay_result)
+    plot_replay(rows, controller, out / f"replay_{stem}.png", title=str(args.replay))
+    print(f"wrote {out / f'replay_{stem}.json'} and {out / f'replay_{stem}.png'}")
+    return 0
+
+
+def plot_replay(rows, controller, path, title):
+    plt = pyplot()
+    fig, (losses, slope) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    epochs = [r["epoch"] for r in rows]
+    for ax in (losses, slope):
+        shade_phases(ax, [r["phase"] for r in rows])
+        mark_transitions(ax, controller.transition_epochs)
+    losses.plot(epochs, [r["train_loss"] for r in rows], color="tab:red", label="train loss")
+    if any(r["eval_loss"] is not None for r in rows):
+        losses.plot(
+            epochs,
+            [np.nan if r["eval_loss"] is None else r["eval_loss"] for r in rows],
+            color="tab:gray",
+            label="eval loss",
+        )
+    losses.set(title=f"replay of {title}", ylabel="loss")
+    losses.legend()
+    slope.plot(epochs, [r["dL"] for r in rows], color="k", label="dL")
+    slope.axhline(controller.s1_threshold, color="tab:orange", ls="--", lw=1, label="S1 threshold")
+    slope.axhspan(
+        -controller.s2_threshold, controller.s2_threshold, color="tab:blue", alpha=0.15, label="|dL| < S2 threshold"
+    )
+    slope.set(xlabel="epoch", ylabel="dL")
+    slope.legend()
+    phase_legend(fig)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    save_figure(fig, path)
+
+
+#############################################
+#                Command line               #
+#############################################
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UserError(message)
+
+
+def build_parser():
+    p = OneLineParser(
+        prog="phase_controller.py",
+        description="Phase-aware LR control on CIFAR-10: baseline vs phase-aware arms, paired per seed.",
+    )
+    run = p.add_argument_group("run")
+    run.add_argument("--seed", type=int, default=SEED, help="seed of a single run (default %(default)s)")
+    run.add_argument(
+        "--multi-seed", action="store_true", help="run every seed of --seeds and write multi_seed_summary.{json,png}"
+    )
+    run.add_argument("--seeds", default=SEEDS, help="comma-separated seeds for --multi-seed (default %(default)s)")
+    run.add_argument("--epochs", type=int, default=EPOCHS, help="epochs per arm (default %(default)s)")
+    run.add_argument(
+        "--device", choices=("auto", "cuda", "mps", "cpu"), default="auto", help="auto: cuda, then mps, then cpu"
+    )
+    run.add_argument(
+        "--bf16",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="bf16 autocast; auto: on where the hardware computes bf16 natively",
+    )
+    run.add_argument(
+        "--output-dir", default=OUTPUT_DIR, help="where results, figures and checkpoints go (default %(default)s)"
+    )
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from its checkpoints; skip seeds already finished",
+    )
+    run.add_argument(
+        "--control",
+        choices=("none", "lr-matched"),
+        default="none",
+        help="lr-matched: a third arm at the phase arm's mean LR multiplier",
+    )
+    data = p.add_argument_group("data")
+    data.add_argument(
+        "--dataset",
+        choices=("cifar10", "synthetic"),
+        default="cifar10",
+        help="synthetic: a small generated task for smoke runs (default %(default)s)",
+    )
+    data.add_argument(
+        "--data-dir", default=DATA_DIR, help=f"holds {CIFAR_FOLDER}/ (downloaded there if missing; default %(default)s)"
+    )
+    data.add_argument(
+        "--subset", type=int, default=0, help="train on the first N images of a fixed permutation (0: all)"
+    )
+    data.add_argument(
+        "--val-size",
+        type=int,
+        default=0,
+        help="hold out N training images to drive the controller and best-epoch selection (0: use the test split)",
+    )
+    model = p.add_argument_group("model and optimisation")
+    model.add_argument("--width", type=int, default=WIDTH, help="first-stage channels (default %(default)s)")
+    model.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="default %(default)s")
+    model.add_argument(
+        "--base-lr", type=float, default=BASE_LR, help="peak of the shared schedule (default %(default)s)"
+    )
+    model.add_argument(
+        "--warmup-epochs", type=int, default=WARMUP_EPOCHS, help="linear warmup epochs (default %(default)s)"
+    )
+    ctl = p.add_argument_group("phase controller")
+    ctl.add_argument(
+        "--s1-threshold", type=float, default=S1_THRESHOLD, help="S0->S1 when dL falls below this (default %(default)s)"
+    )
+    ctl.add_argument(
+        "--s2-threshold",
+        type=float,
+        default=S2_THRESHOLD,
+        help="S1->S2 when |dL| falls below this (default %(default)s)",
+    )
+    ctl.add_argument("--lr-pulse", type=float, default=LR_PULSE, help="LR multiplier in S1 (default %(default)s)")
+    ctl.add_argument(
+        "--grad-accum", type=int, default=GRAD_ACCUM, help="micro-batches per step in S2 and S3 (default %(default)s)"
+    )
+    ctl.add_argument(
+        "--s3-patience", type=int, default=S3_PATIENCE, help="stale evaluations in S2 before S3 (default %(default)s)"
+    )
+    ctl.add_argument(
+        "--dl-window", type=int, default=DL_WINDOW, help="first differences averaged into dL (default %(default)s)"
+    )
+    modes = p.add_argument_group("other modes (no training)").add_mutually_exclusive_group()
+    modes.add_argument(
+        "--summarize",
+        metavar="DIR",
+        help="build multi_seed_summary.{json,png} from the results_seed_N.json files in DIR",
+    )
+    modes.add_argument(
+        "--replay", metavar="FILE", help="run the controller over a logged loss curve (results JSON, JSON list or CSV)"
+    )
+    return p
+
+
+def parse_seeds(text):
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise UserError(f"--seeds must be comma-separated integers, got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds has duplicates: {text!r}")
+    return seeds
+
+
+def check_args(args):
+    """Every argument rule, before anything is written."""
+    rules = [
+        (args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}"),
+        (
+            0 <= args.warmup_epochs < args.epochs,
+            f"--warmup-epochs must be >= 0 and < --epochs ({args.epochs}), got {args.warmup_epochs}",
+        ),
+        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+        (args.width >= 1, f"--width must be >= 1, got {args.width}"),
+        (args.subset >= 0, f"--subset must be >= 0, got {args.subset}"),
+        (args.val_size >= 0, f"--val-size must be >= 0, got {args.val_size}"),
+        (args.base_lr > 0 and math.isfinite(args.base_lr), f"--base-lr must be > 0, got {args.base_lr}"),
+        (math.isfinite(args.s1_threshold), f"--s1-threshold must be finite, got {args.s1_threshold}"),
+        (
+            args.s2_threshold >= 0 and math.isfinite(args.s2_threshold),
+            f"--s2-threshold must be >= 0, got {args.s2_threshold}",
+        ),
+        (args.lr_pulse > 0 and math.isfinite(args.lr_pulse), f"--lr-pulse must be > 0, got {args.lr_pulse}"),
+        (args.grad_accum >= 1, f"--grad-accum must be >= 1, got {args.grad_accum}"),
+        (args.s3_patience >= 1, f"--s3-patience must be >= 1, got {args.s3_patience}"),
+        (args.dl_window >= 1, f"--dl-window must be >= 1, got {args.dl_window}"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise UserError(message)
+    args.seed_list = parse_seeds(args.seeds) if args.multi_seed else [args.seed]
+
+
+def pick_device(name, local_rank=0):
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if cuda else "mps" if mps else "cpu"
+    if name == "cuda":
+        if not cuda:
+            raise UserError(f"--device cuda asked for, but torch {torch.__version__} sees no CUDA device")
+        return torch.device("cuda", local_rank)
+    if name == "mps" and not mps:
+        raise UserError("--device mps asked for, but this torch sees no MPS device")
+    return torch.device(name)
+
+
+def check_output_dir(path):
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-")
+        probe.close()
+    except OSError as e:
+        raise UserError(f"--output-dir {path} cannot be created or written ({e.strerror or e})") from None
+    return path
+
+
+def run_config(args, seed, device, precision, data, train_size):
+    """The results file's config: every setting under its flag's name, plus what was resolved."""
+    modes = {"resume", "summarize", "replay", "seed_list"}  # how to run, not what is computed
+    config = {k: v for k, v in vars(args).items() if k not in modes}
+    config.update(
+        seed=seed, device=str(device), precision=precision, momentum=MOMENTUM,
+        memory_format=str(memory_format_for(device, args.width)).removeprefix("torch."),
+        weight_decay=WEIGHT_DECAY, torch_version=str(torch.__version__),
+        model_params=sum(p.numel() for p in CifarResNet(args.width).parameters()),
+        train_size=train_size, test_size=len(data.test_y),
+    )  # fmt: skip
+    if args.dataset == "synthetic":
+        config["data_dir"] = None
+    return config
+
+
+def run_identity(config):
+    return {k: config[k] for k in RUN_KEYS}
+
+
+def check_resumable(seed, output_dir, config):
+    """With --resume: whether the seed is already finished, refusing files made with other settings."""
+    identity = run_identity(config)
+    results = output_dir / f"results_seed_{seed}.json"
+    checkpoints = sorted(output_dir.glob(f"checkpoint_seed_{seed}_*.pt"))
+    for path in ([results] if results.exists() else []) + checkpoints:
+        try:
+            saved = (
+                json.loads(path.read_text())["config"]
+                if path.suffix == ".json"
+                else torch.load(path, map_location="cpu", weights_only=True)["config"]
+            )
+        except Exception as e:
+            raise UserError(
+                f"--resume: cannot read {path} ({type(e).__name__}: {e}); delete it to start that seed afresh"
+            ) from None
+        differing = [
+            f"{k} {saved.get(k)!r} there, {identity[k]!r} now" for k in RUN_KEYS if saved.get(k) != identity[k]
+        ]
+        if differing:
+            raise UserError(
+                f"--resume: {path} was made with other settings ({'; '.join(differing)}); "
+                "rerun with those settings, or without --resume to start afresh"
+            )
+    return results.exists()
+
+
+@functools.cache  # read once per process, whatever the number of seeds
+def cifar10_dataset(data_dir):
+    folder = prepare_cifar10(data_dir)
+    train_x, train_y, test_x, test_y = read_cifar10(folder)
+    if len(train_y) != 5 * CIFAR_CASES_PER_BATCH:
+        print(f"note: {folder} holds {len(train_y)} training images, not the 50,000 of CIFAR-10")
+    return Dataset("cifar10", train_x, train_y, test_x, test_y)
+
+
+def plan_seed(args, seed, device, precision):
+    """(data, train indices, val indices, config) of one seed: everything checkable before training."""
+    data = synthetic_dataset(seed) if args.dataset == "synthetic" else cifar10_dataset(args.data_dir)
+    train_idx, val_idx = split_indices(len(data.train_y), args.subset, args.val_size)
+    return data, train_idx, val_idx, run_config(args, seed, device, precision, data, len(train_idx))
+
+
+def seed_run(args, seed, plan, device, output_dir, progress):
+    data, train_idx, val_idx, config = plan
+    layout = memory_format_for(device, args.width)
+
+    def split(images, labels):
+        return DeviceSplit(images, labels, device, layout)
+
+    return SeedRun(
+        seed=seed, config=config, device=device, output_dir=output_dir, resume=args.resume,
+        train=split(data.train_x[train_idx], data.train_y[train_idx]),
+        test=split(data.test_x, data.test_y),
+        val=split(data.train_x[val_idx], data.train_y[val_idx]) if args.val_size else None,
+        progress=progress,
+    )  # fmt: skip
+
+
+def distributed_env():
+    """(rank, world_size, local_rank) under torchrun; (0, 1, 0) otherwise."""
+    return tuple(int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+
+
+def train(args):
+    rank, world, local_rank = distributed_env()
+    device = pick_device(args.device, local_rank)
+    if args.bf16 == "on" and device.type == "mps":
+        raise UserError("--bf16 on is not supported on MPS here")
+    precision = "bf16-autocast" if args.bf16 == "on" or (args.bf16 == "auto" and native_bf16(device)) else "fp32"
+    output_dir = check_output_dir(args.output_dir)
+    if world > 1:
+        # Only a barrier is needed: gloo serves it on any device; seeds may run for days.
+        dist.init_process_group("gloo", timeout=timedelta(days=7))
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    my_seeds = args.seed_list[rank::world]
+    arms = 3 if args.control == "lr-matched" else 2
+    progress = Progress(len(my_seeds) * arms * args.epochs)
+    # Fail fast: data, splits and resumability of every seed are checked before the first epoch.
+    plans = {}
+    for seed in my_seeds:
+        plan = plan_seed(args, seed, device, precision)
+        if args.resume and check_resumable(seed, output_dir, plan[-1]):
+            print(f"seed {seed}: results_seed_{seed}.json exists with these settings; skipped")
+            progress.skip(arms * args.epochs)
+            continue
+        # Temp files a killed process left behind; a seed belongs to one process only, so this is safe.
+        stale = list(output_dir.glob(f".*_seed_{seed}[._]*.tmp-*"))
+        if not args.resume:
+            stale += output_dir.glob(f"checkpoint_seed_{seed}_*.pt")
+        for path in stale:
+            path.unlink()
+        plans[seed] = plan
+    where = f", rank {rank} of {world}" if world > 1 else ""
+    print(
+        f"{describe_data(vars(args))}: {len(plans)} seed(s) to train on {device}"
+        f" ({precision}, {arms} arms, {args.epochs} epochs{where})",
+    )
+    diverged = []
+    for seed, plan in plans.items():
+        results = run_seed(seed_run(args, seed, plan, device, output_dir, progress))
+        for arm in ("baseline", "phase_aware", "control"):
+            if arm in results and results[arm]["status"] == "diverged":
+                diverged.append(f"seed {seed} {arm} at epoch {results[arm]['diverged_epoch']}")
+    if world > 1:
+        dist.barrier()
+    if args.multi_seed and rank == 0:
+        write_summary(output_dir, args.seed_list)
+    if world > 1:
+        dist.destroy_process_group()
+    if diverged:
+        print(
+            f"error: {len(diverged)} arm(s) diverged ({'; '.join(diverged)}); "
+            "their results and figures hold the epochs before",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    # A cluster's preemption (SIGTERM) stops a run as cleanly as Ctrl-C does.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        args = build_parser().parse_args(argv)
+        check_args(args)
+        if args.summarize:
+            write_summary(args.summarize)
+            return 0
+        if args.replay:
+            check_output_dir(args.output_dir)
+            return replay(args)
+        return train(args)
+    except UserError as e:
+        print(f"phase_controller.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        again = " ".join(
+            shlex.quote(a)
+            for a in ["python", "phase_controller.py", *argv, *([] if "--resume" in argv else ["--resume"])]
+        )
+        print(f"\ninterrupted; every completed epoch is checkpointed. Continue with:\n  {again}", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines appear at once, also through a pipe
+    sys.exit(main())

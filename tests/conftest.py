@@ -1,0 +1,17 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from helpers import ALL_PHASES, TINY, read_json, run_main  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory):
+    """One tiny two-arm run whose phase arm visits every phase: (output dir, results, stdout)."""
+    out = tmp_path_factory.mktemp("default")
+    code, stdout, stderr = run_main([*TINY, *ALL_PHASES, "--output-dir", out])
+    assert code == 0, stderr
+    return out, read_json(out / "results_seed_42.json"), stdout

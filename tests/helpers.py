@@ -1,0 +1,126 @@
+"""Test helpers: small CIFAR-format folders and command-line runs."""
+
+import contextlib
+import io
+import json
+import os
+import pickle
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import phase_controller as pc
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING_KEYS = set(pc.TIMING_KEYS)
+
+# A run small enough for CPU tests: synthetic data, width 8, four steps per epoch.
+TINY = ["--dataset", "synthetic", "--subset", "256", "--width", "4", "--batch-size", "64", "--epochs", "5"]
+# Thresholds that walk the phase arm through every phase within six tiny epochs: S1 at epoch 2,
+# S2 (accumulation 2) at epoch 3, S3 once the eval loss stops improving.
+ALL_PHASES = ["--epochs", "6", "--s2-threshold", "1.0", "--s3-patience", "1"]
+
+
+# ----- the official pickle layout -----
+
+
+def py2_str(text):
+    """A Python 2 str: loads as str under encoding="latin1", as bytes under "bytes"."""
+    raw = text if isinstance(text, bytes) else text.encode("latin1")
+    if len(raw) < 256:
+        return b"U" + bytes([len(raw)]) + raw
+    return b"T" + struct.pack("<i", len(raw)) + raw
+
+
+def py2_int(value):
+    return b"J" + struct.pack("<i", value)
+
+
+def py2_value(value):
+    if isinstance(value, np.ndarray):  # as numpy 1 under Python 2 pickled a 2-D uint8 array
+        dtype = b"cnumpy\ndtype\n" + py2_str("u1") + py2_int(0) + py2_int(1) + b"\x87R"
+        dtype += b"(" + py2_int(3) + py2_str("|") + b"NNN" + py2_int(-1) + py2_int(-1) + py2_int(0) + b"tb"
+        head = (
+            b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + py2_int(0) + b"\x85" + py2_str("b") + b"\x87R"
+        )
+        shape = b"(" + b"".join(py2_int(n) for n in value.shape) + b"t"
+        return head + b"(" + py2_int(1) + shape + dtype + b"\x89" + py2_str(value.tobytes()) + b"tb"
+    if isinstance(value, list):
+        return b"](" + b"".join(py2_value(v) for v in value) + b"e"
+    if isinstance(value, int):
+        return py2_int(value)
+    return py2_str(value)
+
+
+def official_pickle(obj):
+    """Protocol-2 bytes laid out as Python 2's cPickle wrote the official CIFAR-10 files."""
+    return b"\x80\x02}(" + b"".join(py2_str(k) + py2_value(v) for k, v in obj.items()) + b"u."
+
+
+def write_batch(path, obj, layout):
+    if layout == "official":
+        path.write_bytes(official_pickle(obj))
+    elif layout == "bytes-keys":  # a Python 3 copy with bytes keys
+        path.write_bytes(pickle.dumps({k.encode(): v for k, v in obj.items()}, protocol=3))
+    else:  # "str-keys": a Python 3 copy with str keys
+        path.write_bytes(pickle.dumps(obj, protocol=4))
+
+
+def write_cifar_folder(root, per_batch=20, layout="official", seed=0):
+    """A small cifar-10-batches-py folder under root; returns (train_x, train_y, test_x, test_y)."""
+    folder = Path(root) / pc.CIFAR_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for name in (*pc.CIFAR_TRAIN_FILES, "test_batch"):
+        data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, size=per_batch)]
+        write_batch(folder / name, {"batch_label": name, "labels": labels, "data": data}, layout)
+        arrays[name] = (data, labels)
+    meta = {"num_cases_per_batch": per_batch, "label_names": [f"class{i}" for i in range(10)], "num_vis": 3072}
+    write_batch(folder / "batches.meta", meta, layout)
+    train_x = np.concatenate([arrays[n][0] for n in pc.CIFAR_TRAIN_FILES]).reshape(-1, 3, 32, 32)
+    train_y = np.concatenate([arrays[n][1] for n in pc.CIFAR_TRAIN_FILES])
+    test_x, test_y = arrays["test_batch"]
+    return train_x, train_y, test_x.reshape(-1, 3, 32, 32), np.asarray(test_y)
+
+
+# ----- runs -----
+
+
+def cli(*args, env=None, timeout=300):
+    """phase_controller.py in a fresh Python process."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "phase_controller.py"), *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT,
+    )  # fmt: skip
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text())
+
+
+def without_timings(obj):
+    """A results structure without timings and output folder, for value-for-value comparison of runs
+    with the same arguments that the tests had to write to different folders."""
+    if isinstance(obj, dict):
+        return {k: without_timings(v) for k, v in obj.items() if k not in TIMING_KEYS | {"output_dir"}}
+    if isinstance(obj, list):
+        return [without_timings(v) for v in obj]
+    return obj
+
+
+def leftover_temp_files(folder):
+    return sorted(p.name for p in Path(folder).rglob(".*.tmp-*"))
+
+
+def run_main(argv):
+    """phase_controller.main in this process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = pc.main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()

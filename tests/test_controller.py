@@ -1,0 +1,281 @@
+"""PhaseController rules, case by case, and the base schedule."""
+
+import io
+import math
+import random
+
+import pytest
+import torch
+
+import phase_controller as pc
+from phase_controller import PhaseController, base_lr_at, loss_slope
+
+
+def feed(controller, losses, eval_losses=None):
+    eval_losses = eval_losses or [None] * len(losses)
+    return [controller.observe(loss, ev) for loss, ev in zip(losses, eval_losses, strict=True)]
+
+
+def controller_in_s2(**kwargs):
+    """A controller that entered S2 on its 4th observation (epoch 3)."""
+    ctl = PhaseController(s1_threshold=-0.01, s2_threshold=0.05, **kwargs)
+    feed(ctl, [2.0, 1.5, 1.0])  # dL -0.5 at n=3: S1 at epoch 2
+    ctl.observe(0.99, eval_loss=0.5)  # dL (0.99-2.0)/3 = -0.337: stays S1
+    ctl.observe(0.98, eval_loss=0.5)  # dL (0.98-1.5)/3 = -0.173: stays S1
+    ctl.observe(0.97, eval_loss=0.5)  # dL (0.97-1.0)/3 = -0.01: |dL| < 0.05, S2 at epoch 5
+    assert ctl.phase == pc.S2_AXIS_LOCK and ctl.transition_epochs == {"S1": 2, "S2": 5}
+    return ctl
+
+
+# ----- dL -----
+
+
+@pytest.mark.parametrize(
+    "losses, window, expected",
+    [
+        ([], 3, 0.0),
+        ([2.0], 3, 0.0),
+        ([2.0, 1.5], 3, -0.5),  # w = min(3, 1) = 1
+        ([2.0, 1.5, 1.25], 3, (1.25 - 2.0) / 2),  # w = 2
+        ([4.0, 3.0, 2.0, 1.0, 0.5], 3, (0.5 - 3.0) / 3),  # last 3 differences only
+        ([4.0, 3.0, 2.0, 1.0, 0.5], 1, -0.5),
+    ],
+)
+def test_loss_slope_is_mean_of_last_w_first_differences(losses, window, expected):
+    assert loss_slope(losses, window) == pytest.approx(expected, abs=1e-15)
+
+
+def test_controller_exposes_latest_dl():
+    ctl = PhaseController(s1_threshold=-100.0)  # never leaves S0
+    losses = [2.3, 2.1, 1.8, 1.7, 1.69]
+    for n, loss in enumerate(losses, start=1):
+        ctl.observe(loss)
+        assert ctl.dL == loss_slope(losses[:n], 3)
+    assert ctl.losses == losses
+
+
+# ----- S0 -> S1 -----
+
+
+def test_s1_needs_three_observations():
+    ctl = PhaseController()
+    assert ctl.observe(3.0) == (1.0, 1)
+    ctl.observe(1.0)  # dL = -2 but only two losses seen
+    assert ctl.phase == pc.S0_EXPLORE
+    lr_mult, accum = ctl.observe(0.9)  # dL = (0.9 - 3) / 2
+    assert ctl.phase == pc.S1_BOUNDARY
+    assert (lr_mult, accum) == (1.10, 1)
+    assert ctl.transition_epochs == {"S1": 2}
+
+
+def test_s1_threshold_is_strict():
+    ctl = PhaseController(s1_threshold=-0.25)
+    feed(ctl, [2.0, 1.75, 1.5])  # dL exactly -0.25
+    assert ctl.phase == pc.S0_EXPLORE
+    ctl.observe(1.0)  # dL = (1.0 - 2.0) / 3
+    assert ctl.phase == pc.S1_BOUNDARY
+    assert ctl.transition_epochs == {"S1": 3}
+
+
+def test_flat_loss_stays_in_s0():
+    ctl = PhaseController()
+    feed(ctl, [2.0] * 20, [1.0] * 20)
+    assert ctl.phase == pc.S0_EXPLORE and ctl.transitions == []
+
+
+# ----- S1 -> S2 -----
+
+
+def test_at_most_one_transition_per_call():
+    # The 3rd loss satisfies both the S0->S1 and the S1->S2 conditions; only S0->S1 happens.
+    ctl = PhaseController(s1_threshold=-0.01, s2_threshold=0.5)
+    feed(ctl, [1.0, 0.9, 0.8])
+    assert ctl.phase == pc.S1_BOUNDARY
+    ctl.observe(0.7)
+    assert ctl.phase == pc.S2_AXIS_LOCK
+    assert ctl.transition_epochs == {"S1": 2, "S2": 3}
+
+
+def test_s1_to_s2_uses_absolute_dl():
+    ctl = PhaseController(s1_threshold=-0.01, s2_threshold=0.05)
+    feed(ctl, [2.0, 1.5, 1.0])
+    ctl.observe(2.2)  # dL = (2.2 - 2.0) / 3 = +0.067: |dL| too large
+    assert ctl.phase == pc.S1_BOUNDARY
+    ctl.observe(1.55)  # dL = (1.55 - 1.5) / 3 = +0.0167
+    assert ctl.phase == pc.S2_AXIS_LOCK
+
+
+# ----- S2 -> S3 -----
+
+
+def test_call_entering_s2_does_not_count_its_eval_loss():
+    ctl = controller_in_s2()
+    assert ctl.best_eval == math.inf and ctl.stale == 0
+
+
+def test_s2_counts_stale_evaluations_then_enters_s3():
+    ctl = controller_in_s2(s3_patience=3)
+    ctl.observe(0.97, eval_loss=1.0)  # best 1.0
+    assert (ctl.best_eval, ctl.stale) == (1.0, 0)
+    ctl.observe(0.97, eval_loss=1.0 - 0.5e-4)  # not better by 1e-4: stale
+    assert (ctl.best_eval, ctl.stale) == (1.0, 1)
+    ctl.observe(0.97, eval_loss=0.9)  # better: reset
+    assert (ctl.best_eval, ctl.stale) == (0.9, 0)
+    ctl.observe(0.97, eval_loss=0.95)
+    ctl.observe(0.97, eval_loss=0.9)
+    assert ctl.phase == pc.S2_AXIS_LOCK and ctl.stale == 2
+    lr_mult, accum = ctl.observe(0.97, eval_loss=0.91)
+    assert ctl.phase == pc.S3_POLISH and ctl.stale == 3
+    assert (lr_mult, accum) == (0.1, 2)
+    assert ctl.transition_epochs == {"S1": 2, "S2": 5, "S3": 11}
+
+
+def test_call_without_eval_loss_changes_nothing_in_s2():
+    ctl = controller_in_s2(s3_patience=2)
+    ctl.observe(0.97, eval_loss=1.0)
+    ctl.observe(0.97, eval_loss=1.0)
+    before = ctl.state_dict()
+    for _ in range(5):
+        assert ctl.observe(0.97) == (0.5, 2)
+    assert ctl.phase == pc.S2_AXIS_LOCK
+    assert (ctl.best_eval, ctl.stale) == (before["best_eval"], before["stale"])
+
+
+def test_s3_is_final():
+    ctl = controller_in_s2(s3_patience=1)
+    ctl.observe(0.97, eval_loss=1.0)
+    ctl.observe(0.97, eval_loss=1.0)
+    assert ctl.phase == pc.S3_POLISH
+    feed(ctl, [5.0, 0.1, 9.0, 0.01], [0.1, 5.0, 0.01, 7.0])
+    assert ctl.phase == pc.S3_POLISH and len(ctl.transitions) == 3
+
+
+# ----- recommendations -----
+
+
+def test_recommendation_table_by_phase():
+    ctl = PhaseController(lr_pulse=1.3, grad_accum=4)
+    expected = {pc.S0_EXPLORE: (1.0, 1), pc.S1_BOUNDARY: (1.3, 1), pc.S2_AXIS_LOCK: (0.5, 4), pc.S3_POLISH: (0.1, 4)}
+    for phase, rec in expected.items():
+        ctl.phase = phase
+        assert ctl.recommendation() == rec
+        assert ctl.recommendation().lr_mult == rec[0] and ctl.recommendation().grad_accum == rec[1]
+
+
+def test_multipliers_never_compound():
+    ctl = PhaseController(s2_threshold=0.0)  # S1 is never left
+    recs = feed(ctl, [3.0 - 0.2 * i for i in range(12)])
+    assert ctl.phase == pc.S1_BOUNDARY
+    assert all(rec == (1.10, 1) for rec in recs[2:])
+
+
+def test_transition_lines_are_readable():
+    ctl = controller_in_s2()
+    assert len(ctl.transitions) == 2
+    assert ctl.transitions[0].startswith("epoch 2: S0_EXPLORE -> S1_BOUNDARY (dL -0.5000")
+    assert ctl.transitions[1].startswith("epoch 5: S1_BOUNDARY -> S2_AXIS_LOCK")
+
+
+# ----- state_dict -----
+
+
+def checkpoint_round_trip(state):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def random_run(rng, n):
+    """A noisy, decaying loss curve with eval losses, long enough to visit every phase."""
+    losses = [2.3 * math.exp(-0.25 * i) + 0.3 + rng.uniform(-0.003, 0.003) for i in range(n)]
+    evals = [None if rng.random() < 0.2 else 0.5 + rng.uniform(0, 0.01) for _ in range(n)]
+    return losses, evals
+
+
+@pytest.mark.parametrize("split", [1, 3, 7, 12, 20, 29, 39])
+def test_restored_controller_continues_exactly_like_uninterrupted(split):
+    rng = random.Random(split)
+    losses, evals = random_run(rng, 40)
+    settings = dict(s1_threshold=-0.05, s2_threshold=0.03, s3_patience=3)
+    whole = PhaseController(**settings)
+    whole_recs = feed(whole, losses, evals)
+    assert whole.phase == pc.S3_POLISH  # the curve visits every phase
+
+    first = PhaseController(**settings)
+    recs = feed(first, losses[:split], evals[:split])
+    restored = PhaseController()  # other settings: the state dict carries them
+    restored.load_state_dict(checkpoint_round_trip(first.state_dict()))
+    recs += feed(restored, losses[split:], evals[split:])
+    assert recs == whole_recs
+    assert restored.state_dict() == whole.state_dict()
+
+
+def test_state_dict_carries_every_counter():
+    ctl = controller_in_s2()
+    ctl.observe(0.97, eval_loss=1.0)
+    ctl.observe(0.97, eval_loss=1.0)
+    state = ctl.state_dict()
+    assert state["losses"] == ctl.losses and state["phase"] == pc.S2_AXIS_LOCK
+    assert (state["best_eval"], state["stale"]) == (1.0, 1)
+    assert state["transitions"] == ctl.transitions and state["transition_epochs"] == {"S1": 2, "S2": 5}
+    state["losses"].append(123.0)  # a copy, not a view
+    assert 123.0 not in ctl.losses
+
+
+def test_load_state_dict_refuses_incomplete_state():
+    state = PhaseController().state_dict()
+    del state["stale"]
+    with pytest.raises(KeyError, match="stale"):
+        PhaseController().load_state_dict(state)
+
+
+# ----- argument checks -----
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(s2_threshold=-0.1),
+        dict(lr_pulse=0.0),
+        dict(lr_pulse=math.nan),
+        dict(grad_accum=0),
+        dict(s3_patience=0),
+        dict(window=0),
+        dict(window=1.5),
+        dict(s1_threshold=math.inf),
+    ],
+)
+def test_constructor_refuses_bad_settings(kwargs):
+    with pytest.raises(ValueError):
+        PhaseController(**kwargs)
+
+
+@pytest.mark.parametrize("train_loss, eval_loss", [(math.nan, None), (math.inf, 1.0), (1.0, math.nan)])
+def test_observe_refuses_non_finite_losses(train_loss, eval_loss):
+    ctl = PhaseController()
+    with pytest.raises(ValueError):
+        ctl.observe(train_loss, eval_loss)
+    assert ctl.losses == []
+
+
+# ----- base schedule -----
+
+
+def test_base_schedule_warmup_then_cosine():
+    lrs = [base_lr_at(e, 0.01, 2, 30) for e in range(30)]
+    assert lrs[0] == pytest.approx(0.005) and lrs[1] == pytest.approx(0.01)
+    assert lrs[2] == pytest.approx(0.01)  # cosine starts at its peak
+    assert lrs[16] == pytest.approx(0.005)  # half way through the 28 cosine epochs
+    assert lrs[29] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 27 / 28)))
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:], strict=False))
+
+
+def test_base_schedule_without_warmup():
+    assert base_lr_at(0, 0.1, 0, 10) == pytest.approx(0.1)
+    assert base_lr_at(5, 0.1, 0, 10) == pytest.approx(0.05)
+
+
+def test_base_schedule_defaults():
+    assert base_lr_at(0) == pytest.approx(pc.BASE_LR / pc.WARMUP_EPOCHS)
+    assert base_lr_at(pc.EPOCHS - 1) > 0

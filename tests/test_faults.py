@@ -1,0 +1,176 @@
+"""Never lose a run: kills, interrupts, resume, divergence, atomic files."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from helpers import ALL_PHASES, ROOT, TINY, cli, leftover_temp_files, read_json, run_main, without_timings
+
+import phase_controller as pc
+
+RUN = [*TINY, *ALL_PHASES]
+
+
+def start_and_signal(out, after_line, sig, delay=0.15):
+    """Start a run, send sig shortly after a progress line containing after_line; (code, stdout, stderr)."""
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "phase_controller.py"), *RUN, "--output-dir", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if after_line in line:
+            time.sleep(delay)  # well into the next epoch's training
+            process.send_signal(sig)
+            break
+    stdout, stderr = process.communicate(timeout=120)
+    return process.returncode, "".join(seen) + stdout, stderr
+
+
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, default_run):
+    # Killed in the phase arm's fifth epoch, with the controller in S2 and counting stale evaluations.
+    code, _, _ = start_and_signal(tmp_path, "phase_aware epoch   4/6", signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert not (tmp_path / "results_seed_42.json").exists()
+    checkpoint = torch.load(tmp_path / "checkpoint_seed_42_phase_aware.pt", weights_only=True)
+    assert checkpoint["next_epoch"] in (4, 5) and checkpoint["controller"]["phase"] == "S2_AXIS_LOCK"
+    result = cli(*RUN, "--output-dir", tmp_path, "--resume")
+    assert result.returncode == 0, result.stderr
+    assert "seed 42 phase_aware: resumed after epoch" in result.stdout
+    _, uninterrupted, _ = default_run
+    assert without_timings(read_json(tmp_path / "results_seed_42.json")) == without_timings(uninterrupted)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figure_seed_42.png", "results_seed_42.json"]
+    assert leftover_temp_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupt_stops_cleanly_with_a_resume_hint(tmp_path, sig):
+    code, _, stderr = start_and_signal(tmp_path, "baseline    epoch   1/6", sig)
+    assert code == 130
+    assert "interrupted; every completed epoch is checkpointed" in stderr and "--resume" in stderr
+    assert "Traceback" not in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_seed_42_baseline.pt"]
+    assert torch.load(tmp_path / "checkpoint_seed_42_baseline.pt", weights_only=True)["next_epoch"] in (1, 2)
+
+
+def interrupt_after(monkeypatch, epochs):
+    """Raise KeyboardInterrupt, as Ctrl-C would, once `epochs` epochs have been logged."""
+    original, logged = pc.log_epoch, []
+
+    def log_then_interrupt(*args):
+        original(*args)
+        logged.append(1)
+        if len(logged) == epochs:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(pc, "log_epoch", log_then_interrupt)
+
+
+def test_in_process_interrupt_and_resume_equal_the_uninterrupted_run(tmp_path, monkeypatch, default_run):
+    interrupt_after(monkeypatch, 8)  # in the phase arm's third epoch
+    code, _, stderr = run_main([*RUN, "--output-dir", tmp_path])
+    assert code == 130 and "--resume" in stderr
+    monkeypatch.undo()
+    code, stdout, stderr = run_main([*RUN, "--output-dir", tmp_path, "--resume"])
+    assert code == 0, stderr
+    assert "seed 42 phase_aware: resumed after epoch" in stdout
+    _, uninterrupted, _ = default_run
+    assert without_timings(read_json(tmp_path / "results_seed_42.json")) == without_timings(uninterrupted)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (["--epochs", "7"], "epochs 6 there, 7 now"),
+        (["--s1-threshold", "-0.05"], "s1_threshold -0.02 there, -0.05 now"),
+        (["--control", "lr-matched"], "control 'none' there, 'lr-matched' now"),
+    ],
+)
+def test_resume_with_changed_settings_is_refused(tmp_path, monkeypatch, change, message):
+    interrupt_after(monkeypatch, 2)
+    assert run_main([*RUN, "--output-dir", tmp_path])[0] == 130
+    monkeypatch.undo()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    code, stdout, stderr = run_main([*RUN, *change, "--output-dir", tmp_path, "--resume"])
+    assert code == 2 and "checkpoint_seed_42_baseline.pt was made with other settings" in stderr
+    assert message in stderr and stderr.count("\n") == 1 and " epoch " not in stdout
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_resume_skips_a_finished_seed_and_refuses_one_finished_otherwise(tmp_path):
+    assert run_main([*TINY, "--epochs", "3", "--output-dir", tmp_path])[0] == 0
+    results = tmp_path / "results_seed_42.json"
+    stamp = results.stat().st_mtime_ns
+    code, stdout, _ = run_main([*TINY, "--epochs", "3", "--output-dir", tmp_path, "--resume"])
+    assert code == 0 and "results_seed_42.json exists with these settings; skipped" in stdout
+    assert " epoch " not in stdout and results.stat().st_mtime_ns == stamp
+    code, _, stderr = run_main([*TINY, "--epochs", "3", "--width", "16", "--output-dir", tmp_path, "--resume"])
+    assert code == 2 and "results_seed_42.json was made with other settings (width 4 there, 16 now)" in stderr
+
+
+def test_without_resume_a_run_starts_afresh(tmp_path, monkeypatch):
+    interrupt_after(monkeypatch, 2)
+    assert run_main([*TINY, "--epochs", "3", "--output-dir", tmp_path])[0] == 130
+    monkeypatch.undo()
+    code, stdout, _ = run_main([*TINY, "--epochs", "3", "--output-dir", tmp_path])
+    assert code == 0 and "resumed" not in stdout
+    assert stdout.count("baseline    epoch") == 3
+
+
+def test_unreadable_checkpoint_on_resume_is_a_clear_error(tmp_path):
+    (tmp_path / "checkpoint_seed_42_baseline.pt").write_bytes(b"truncated")
+    code, _, stderr = run_main([*TINY, "--output-dir", tmp_path, "--resume"])
+    assert code == 2 and "cannot read" in stderr and "checkpoint_seed_42_baseline.pt" in stderr
+
+
+def test_divergence_stops_the_arm_and_the_other_seeds_go_on(tmp_path):
+    # A huge S1 pulse: the phase arm diverges in epoch 3, right after entering S1; the baseline is healthy.
+    argv = [*TINY, "--lr-pulse", "100000", "--multi-seed", "--seeds", "1,2", "--output-dir", tmp_path]
+    code, stdout, stderr = run_main(argv)
+    assert code == 1
+    assert stderr.count("\n") == 1 and stderr.startswith("error: 2 arm(s) diverged (seed 1 phase_aware at epoch 3;")
+    for seed in (1, 2):
+        results = read_json(tmp_path / f"results_seed_{seed}.json")
+        assert results["baseline"]["status"] == "ok" and len(results["baseline"]["per_epoch"]["eval_acc"]) == 5
+        phase = results["phase_aware"]
+        assert phase["status"] == "diverged" and phase["diverged_epoch"] == 3
+        assert len(phase["per_epoch"]["eval_acc"]) == 3  # the healthy epochs before it
+        assert phase["best_acc"] == max(phase["per_epoch"]["eval_acc"])
+        assert (tmp_path / f"figure_seed_{seed}.png").exists()
+    summary = read_json(tmp_path / "multi_seed_summary.json")
+    assert summary["arms"]["phase_aware"]["status"] == {"1": "diverged", "2": "diverged"}
+    assert (tmp_path / "multi_seed_summary.png").exists()
+    assert not list(tmp_path.glob("checkpoint_*"))
+
+
+def test_an_arm_diverged_at_its_first_epoch_still_gets_results_and_a_figure(tmp_path):
+    code, _, stderr = run_main([*TINY, "--base-lr", "10000", "--output-dir", tmp_path])
+    assert code == 1 and "diverged" in stderr
+    results = read_json(tmp_path / "results_seed_42.json")
+    assert results["baseline"]["diverged_epoch"] == 0 and results["baseline"]["best_acc"] is None
+    assert results["delta_best_acc"] is None and (tmp_path / "figure_seed_42.png").exists()
+
+
+def test_atomic_write_leaves_the_old_file_and_no_temp_on_failure(tmp_path):
+    target = tmp_path / "results.json"
+    target.write_text("old")
+
+    def fails_half_way(tmp):
+        tmp.write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pc.write_atomically(target, fails_half_way)
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["results.json"]
+
+
+def test_stale_temp_files_of_a_killed_run_are_removed_when_its_seed_starts(tmp_path):
+    (tmp_path / ".checkpoint_seed_42_baseline.pt.tmp-99999").write_bytes(b"half")
+    (tmp_path / ".results_seed_421.json.tmp-99999").write_bytes(b"another seed's")
+    assert run_main([*TINY, "--epochs", "3", "--output-dir", tmp_path])[0] == 0
+    assert leftover_temp_files(tmp_path) == [".results_seed_421.json.tmp-99999"]

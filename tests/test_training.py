@@ -1,0 +1,168 @@
+"""The training loop: gradient accumulation, the paired arms end to end, the outputs."""
+
+import copy
+from contextlib import nullcontext
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from helpers import TINY, read_json, run_main
+
+import phase_controller as pc
+
+# ----- gradient accumulation -----
+
+
+def toy_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 5))  # no BatchNorm: batch statistics would differ
+
+
+def sgd(model):
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+
+def test_accumulating_two_micro_batches_equals_one_step_on_their_union():
+    x, y = torch.randn(16, 3, 2, 2), torch.randint(0, 5, (16,))
+    split, union = toy_model(), toy_model()
+    opt_split, opt_union = sgd(split), sgd(union)
+    for _ in range(3):  # several epochs, so momentum buffers are compared too
+        loss_split, acc_split = pc.train_epoch(split, opt_split, [(x[:8], y[:8]), (x[8:], y[8:])], 2, nullcontext())
+        loss_union, acc_union = pc.train_epoch(union, opt_union, [(x, y)], 1, nullcontext())
+        assert loss_split == pytest.approx(loss_union, rel=1e-6) and acc_split == acc_union
+    for p, q in zip(split.parameters(), union.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(split[1].weight, toy_model()[1].weight)  # it did train
+
+
+@pytest.mark.parametrize("micro_batches, accum, steps", [(5, 1, 5), (5, 2, 3), (6, 3, 2), (2, 4, 1)])
+def test_optimizer_steps_every_k_micro_batches_and_after_the_last(micro_batches, accum, steps):
+    model = toy_model()
+    optimizer = sgd(model)
+    calls = []
+    original_step = optimizer.step
+    optimizer.step = lambda: calls.append(1) or original_step()
+    batches = [(torch.randn(4, 3, 2, 2), torch.randint(0, 5, (4,))) for _ in range(micro_batches)]
+    pc.train_epoch(model, optimizer, batches, accum, nullcontext())
+    assert len(calls) == steps
+    assert all(p.grad is None for p in model.parameters())  # nothing left over for the next epoch
+
+
+def test_reported_loss_is_the_unscaled_per_sample_mean():
+    model = toy_model()
+    x, y = torch.randn(8, 3, 2, 2), torch.randint(0, 5, (8,))
+    with torch.no_grad():
+        expected = F.cross_entropy(model(x), y).item()  # one step at the end: all losses seen at start weights
+        expected_acc = 100 * (model(x).argmax(1) == y).float().mean().item()
+    loss, acc = pc.train_epoch(model, sgd(model), [(x[:3], y[:3]), (x[3:], y[3:])], 4, nullcontext())
+    assert loss == pytest.approx(expected, rel=1e-6) and acc == pytest.approx(expected_acc)
+
+
+def test_evaluate_is_mean_loss_and_accuracy_over_the_split():
+    data = pc.synthetic_dataset(0)
+    split = pc.DeviceSplit(data.test_x[:300], data.test_y[:300], torch.device("cpu"))
+    model = pc.build_model(8, 0, torch.device("cpu")).eval()
+    with torch.no_grad():
+        x = torch.cat([x for x, _ in split.eval_batches(1000)])
+        logits = model(x)
+    loss, acc = pc.evaluate(model, split, nullcontext())
+    assert loss == pytest.approx(F.cross_entropy(logits, split.labels).item(), rel=1e-5)
+    assert acc == pytest.approx(100 * (logits.argmax(1) == split.labels).float().mean().item())
+
+
+# ----- the paired arms, end to end -----
+
+
+def test_outputs_and_their_keys(default_run):
+    out, results, _ = default_run
+    assert sorted(p.name for p in out.iterdir()) == ["figure_seed_42.png", "results_seed_42.json"]
+    assert (out / "figure_seed_42.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = results["config"]
+    flags = {"seed", "epochs", "device", "multi_seed", "seeds", "s1_threshold", "s2_threshold", "lr_pulse",
+             "output_dir", "data_dir", "dataset", "subset", "width", "batch_size", "base_lr", "warmup_epochs",
+             "grad_accum", "s3_patience", "dl_window", "bf16", "control", "val_size"}  # fmt: skip
+    assert flags | {"torch_version", "model_params", "precision", "memory_format"} <= set(config)
+    assert config["dataset"] == "synthetic" and config["precision"] in ("fp32", "bf16-autocast")
+    assert config["model_params"] == sum(p.numel() for p in pc.CifarResNet(config["width"]).parameters())
+    assert set(results) == {"config", "baseline", "phase_aware", "delta_best_acc", "delta_final_acc"}
+    per_epoch = ["train_loss", "train_acc", "eval_loss", "eval_acc", "lr", "train_seconds", "eval_seconds"]
+    for name in ("baseline", "phase_aware"):
+        arm = results[name]
+        assert {"best_acc", "final_acc", "time_seconds", "per_epoch", "status"} <= set(arm)
+        assert arm["status"] == "ok" and set(per_epoch) <= set(arm["per_epoch"])
+        assert all(len(arm["per_epoch"][k]) == 6 for k in per_epoch)
+        assert arm["best_acc"] == max(arm["per_epoch"]["eval_acc"])
+        assert arm["final_acc"] == arm["per_epoch"]["eval_acc"][-1]
+    phase = results["phase_aware"]
+    assert all(len(phase["per_epoch"][k]) == 6 for k in ("phase", "dL", "lr_mult", "grad_accum"))
+    assert {"transitions", "transition_epochs"} <= set(phase)
+    assert results["delta_best_acc"] == phase["best_acc"] - results["baseline"]["best_acc"]
+    assert results["delta_final_acc"] == phase["final_acc"] - results["baseline"]["final_acc"]
+
+
+def test_phase_arm_walks_the_phases_with_a_one_epoch_delay(default_run):
+    _, results, _ = default_run
+    log, cfg = results["phase_aware"]["per_epoch"], results["config"]
+    assert (
+        results["phase_aware"]["transition_epochs"]["S1"] == 2
+        and results["phase_aware"]["transition_epochs"]["S2"] == 3
+    )
+    table = {
+        "S0_EXPLORE": (1.0, 1),
+        "S1_BOUNDARY": (cfg["lr_pulse"], 1),
+        "S2_AXIS_LOCK": (0.5, 2),
+        "S3_POLISH": (0.1, 2),
+    }
+    assert (log["lr_mult"][0], log["grad_accum"][0]) == (1.0, 1)
+    for epoch in range(1, 6):  # what epoch e applied is what the phase after epoch e-1 recommends
+        assert (log["lr_mult"][epoch], log["grad_accum"][epoch]) == table[log["phase"][epoch - 1]]
+    assert 2 in log["grad_accum"]  # accumulation was exercised
+    for epoch in range(6):
+        base = pc.base_lr_at(epoch, cfg["base_lr"], cfg["warmup_epochs"], cfg["epochs"])
+        assert log["lr"][epoch] == pytest.approx(base * log["lr_mult"][epoch])
+        assert results["baseline"]["per_epoch"]["lr"][epoch] == pytest.approx(base)
+        assert log["dL"][epoch] == pytest.approx(pc.loss_slope(log["train_loss"][: epoch + 1], cfg["dl_window"]))
+
+
+def test_arms_are_bit_identical_until_the_multipliers_differ(default_run):
+    _, results, _ = default_run
+    base, phase = results["baseline"]["per_epoch"], results["phase_aware"]["per_epoch"]
+    applied = list(zip(phase["lr_mult"], phase["grad_accum"], strict=True))
+    first = next(e for e, rec in enumerate(applied) if rec != (1.0, 1))
+    assert first == 3
+    for epoch in range(first):
+        for key in ("train_loss", "train_acc", "eval_loss", "eval_acc"):
+            assert base[key][epoch] == phase[key][epoch], (key, epoch)
+    for epoch in range(first, 6):
+        assert base["train_loss"][epoch] != phase["train_loss"][epoch]
+
+
+def test_one_progress_line_per_epoch_per_arm(default_run):
+    _, _, stdout = default_run
+    lines = [line for line in stdout.splitlines() if " epoch " in line and "ETA" in line]
+    assert len(lines) == 12
+    assert sum("phase_aware" in line and "accum" in line for line in lines) == 6
+    assert "S0_EXPLORE -> S1_BOUNDARY" in stdout
+
+
+def test_channels_last_path_trains_too(tmp_path):
+    # Width 16 is the narrowest that uses channels_last on a CPU.
+    code, _, stderr = run_main(
+        [*TINY, "--width", "16", "--epochs", "1", "--warmup-epochs", "0", "--subset", "64", "--output-dir", tmp_path]
+    )
+    assert code == 0, stderr
+    results = read_json(tmp_path / "results_seed_42.json")
+    assert results["config"]["memory_format"] == "channels_last"
+    assert results["baseline"]["per_epoch"]["train_loss"] == results["phase_aware"]["per_epoch"]["train_loss"]
+
+
+def test_a_model_copy_is_independent_of_the_other_arm():
+    # Arms build their own model from the seed: training one leaves the other's start untouched.
+    a = pc.build_model(8, 7, torch.device("cpu"))
+    start = copy.deepcopy(a.state_dict())
+    opt = torch.optim.SGD(a.parameters(), lr=0.1)
+    F.cross_entropy(a(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3])).backward()
+    opt.step()
+    b = pc.build_model(8, 7, torch.device("cpu"))
+    assert all(torch.equal(start[k], v) for k, v in b.state_dict().items())
