@@ -24,7 +24,6 @@ import argparse
 import copy
 import csv
 import functools
-import glob
 import json
 import math
 import os
@@ -68,7 +67,8 @@ WEIGHT_DECAY = 5e-4
 WIDTH = 32  # channels of the first stage; 696,618 parameters at 32
 # Evaluation batches: accelerators want large ones; CPU convolutions ran 1.2-1.8x faster at 128
 # than at 1000 on the 2-core machine this was built on (cache-sized batches).
-EVAL_BATCH_SIZE = {"cpu": 128, "other": 1000}
+EVAL_BATCH_SIZE = 1000
+EVAL_BATCH_SIZE_CPU = 128
 
 # The phase controller (PhaseController's defaults and the CLI's).
 S1_THRESHOLD = -0.02  # dL below this (loss falling fast) ends exploration
@@ -97,14 +97,13 @@ CIFAR_FOLDER = "cifar-10-batches-py"
 CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_CASES_PER_BATCH = 10000
 
-# The settings that define what a seed's run computes. Two runs that agree on these (and the
-# seed) produce the same numbers, so these are what --resume and --summarize compare.
+# The settings that define what a seed's run computes: runs that agree on these and the seed
+# compute the same numbers (on the same machine), so these are what --resume and --summarize compare.
 RUN_KEYS = (
     "dataset", "subset", "val_size", "epochs", "warmup_epochs", "base_lr", "batch_size",
     "width", "momentum", "weight_decay", "precision", "control", "s1_threshold",
     "s2_threshold", "lr_pulse", "grad_accum", "s3_patience", "dl_window",
 )  # fmt: skip
-TIMING_KEYS = ("time_seconds", "train_seconds", "eval_seconds")
 
 
 class UserError(Exception):
@@ -286,7 +285,6 @@ def prepare_cifar10(data_dir):
 
 
 class Dataset(NamedTuple):
-    name: str  # "cifar10" or "synthetic"
     train_x: np.ndarray  # (N, 3, 32, 32) uint8
     train_y: np.ndarray  # (N,) int64
     test_x: np.ndarray
@@ -310,7 +308,7 @@ def synthetic_dataset(seed, n_train=2048, n_test=256):
 
     train_x, train_y = draw(n_train)
     test_x, test_y = draw(n_test)
-    return Dataset("synthetic", train_x, train_y, test_x, test_y)
+    return Dataset(train_x, train_y, test_x, test_y)
 
 
 def split_indices(n_train, subset, val_size):
@@ -575,15 +573,15 @@ class PhaseController:
         self.__dict__.update(copy.deepcopy(state_dict))
 
 
+# Each PhaseController keyword and the config key (the flag's name) that sets it.
+CONTROLLER_SETTINGS = {
+    "s1_threshold": "s1_threshold", "s2_threshold": "s2_threshold", "lr_pulse": "lr_pulse",
+    "grad_accum": "grad_accum", "s3_patience": "s3_patience", "window": "dl_window",
+}  # fmt: skip
+
+
 def controller_from_config(config):
-    return PhaseController(
-        s1_threshold=config["s1_threshold"],
-        s2_threshold=config["s2_threshold"],
-        lr_pulse=config["lr_pulse"],
-        grad_accum=config["grad_accum"],
-        s3_patience=config["s3_patience"],
-        window=config["dl_window"],
-    )
+    return PhaseController(**{keyword: config[key] for keyword, key in CONTROLLER_SETTINGS.items()})
 
 
 #############################################
@@ -648,8 +646,8 @@ def evaluate(model, split, autocast):
     """(mean per-sample loss, accuracy %) over a whole split."""
     model.eval()
     loss_sum, correct = 0.0, 0
-    device_type = "cpu" if split.images.device.type == "cpu" else "other"
-    for images, labels in split.eval_batches(EVAL_BATCH_SIZE[device_type]):
+    batch_size = EVAL_BATCH_SIZE_CPU if split.images.device.type == "cpu" else EVAL_BATCH_SIZE
+    for images, labels in split.eval_batches(batch_size):
         with autocast:
             logits = model(images)
         loss_sum = loss_sum + F.cross_entropy(logits.float(), labels, reduction="sum")
@@ -695,9 +693,9 @@ class SeedRun:
         return autocast_for(self.device, self.config["precision"])
 
 
-def new_arm(name, controller, lr_mult):
+def new_arm(controller, lr_mult):
     keys = ["train_loss", "train_acc", "eval_loss", "eval_acc", "lr", "train_seconds", "eval_seconds"]
-    arm = {"name": name, "status": "ok", "time_seconds": 0.0}
+    arm = {"status": "ok", "time_seconds": 0.0}
     if controller is None:
         arm["lr_mult"] = lr_mult
     else:
@@ -715,7 +713,7 @@ def run_arm(run, name, controller=None, lr_mult=1.0):
     epochs = run.config["epochs"]
     model = build_model(run.config["width"], run.seed, run.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    arm, start = restore_arm(run, name, model, optimizer, controller) or (new_arm(name, controller, lr_mult), 0)
+    arm, start = restore_arm(run, name, model, optimizer, controller) or (new_arm(controller, lr_mult), 0)
     if arm["status"] != "ok":  # it diverged before the interruption: nothing left to train
         run.progress.skip(epochs - start)
         start = epochs
@@ -853,10 +851,10 @@ def print_seed_result(results):
             arm = results[name]
             status = "" if arm["status"] == "ok" else f"  [{arm['status']} at epoch {arm['diverged_epoch']}]"
             print(f"seed {seed} {name:<11} best {fmt_acc(arm['best_acc'])}  final {fmt_acc(arm['final_acc'])}{status}")
-    print(
-        f"seed {seed} delta (phase_aware - baseline): best {fmt_acc(results['delta_best_acc'], '+')}"
-        f"  final {fmt_acc(results['delta_final_acc'], '+')}"
-    )
+    for other, suffix in (("baseline", ""), ("control", "_vs_control")):
+        if other in results:
+            best, final = results[f"delta_best_acc{suffix}"], results[f"delta_final_acc{suffix}"]
+            print(f"seed {seed} delta (phase_aware - {other}): best {fmt_acc(best, '+')}  final {fmt_acc(final, '+')}")
     for line in results["phase_aware"].get("transitions", []):
         print(f"seed {seed} transition {line}")
 
@@ -927,10 +925,7 @@ def load_seed_results(folder, seeds=None):
     """{seed: results} from results_seed_N.json files, refusing any whose run settings disagree."""
     folder = Path(folder)
     if seeds is None:
-        found = [
-            re.fullmatch(r"results_seed_(-?\d+)\.json", Path(p).name)
-            for p in glob.glob(str(folder / "results_seed_*.json"))
-        ]
+        found = (re.fullmatch(r"results_seed_(-?\d+)\.json", p.name) for p in folder.glob("results_seed_*.json"))
         seeds = [int(m.group(1)) for m in found if m]
         if not seeds:
             raise UserError(f"no results_seed_N.json files in {folder}")
@@ -1134,15 +1129,22 @@ def describe_data(cfg):
 #############################################
 
 
+class LossLog(NamedTuple):
+    train: list  # training loss per epoch
+    eval: list | None  # eval loss per epoch (None where missing), or None
+    phases: list | None  # phases a results file recorded, to compare with
+    config: dict | None  # the settings a results file recorded
+
+
 def read_loss_log(path):
-    """(train_losses, eval_losses or None, recorded phases or None) from a results_seed_N.json,
-    a JSON list of training losses, or a CSV with a train_loss (and optional eval_loss) column."""
+    """A LossLog from a results_seed_N.json, a JSON list of training losses, or a CSV with a
+    train_loss column and an optional eval_loss column."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as e:
         raise UserError(f"--replay {path}: cannot read ({e.strerror})") from None
-    eval_losses = phases = None
+    eval_losses = phases = config = None
     try:
         if path.suffix.lower() == ".csv":
             rows = list(csv.DictReader(text.splitlines()))
@@ -1154,9 +1156,9 @@ def read_loss_log(path):
         else:
             data = json.loads(text)
             if isinstance(data, dict):  # a results file: the phase arm's view of the run
-                log = data["phase_aware"]["per_epoch"]
+                log, config = data["phase_aware"]["per_epoch"], data["config"]
                 train, phases = log["train_loss"], log["phase"]
-                eval_losses = log.get("val_loss", log["eval_loss"])
+                eval_losses = log.get("val_loss", log["eval_loss"])  # what the controller saw
             elif isinstance(data, list) and all(isinstance(v, int | float) and not isinstance(v, bool) for v in data):
                 train = data
             else:
@@ -1167,18 +1169,17 @@ def read_loss_log(path):
             raise ValueError("losses must be finite numbers")
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"--replay {path}: {e}") from None
-    return [float(v) for v in train], eval_losses, phases
+    return LossLog([float(v) for v in train], eval_losses, phases, config)
 
 
 def replay(args):
-    train, eval_losses, recorded = read_loss_log(args.replay)
-    cfg = vars(args)
+    log, cfg = read_loss_log(args.replay), vars(args)
     controller = controller_from_config(cfg)
-    print(f"replaying {len(train)} epochs of {args.replay}")
+    print(f"replaying {len(log.train)} epochs of {args.replay}")
     print("epoch  train_loss  eval_loss        dL  phase          next lr_mult  next accum")
     rows = []
-    for epoch, loss in enumerate(train):
-        eval_loss = eval_losses[epoch] if eval_losses else None
+    for epoch, loss in enumerate(log.train):
+        eval_loss = log.eval[epoch] if log.eval else None
         lr_mult, accum = controller.observe(loss, eval_loss)
         phase = controller.phase
         rows.append(
@@ -1196,22 +1197,21 @@ def replay(args):
         print(f"{epoch:>5}  {loss:10.4f}  {shown:>9}  {controller.dL:+.5f}  {phase:<13}  {lr_mult:12.2f}  {accum:10d}")
     for line in controller.transitions:
         print(f"transition {line}")
-    if recorded is not None:
-        mismatched = [e for e, (row, phase) in enumerate(zip(rows, recorded, strict=True)) if row["phase"] != phase]
-        print(
-            "matches the phases recorded in the file"
-            if not mismatched
-            else f"differs from the recorded phases at epochs {mismatched} (were the thresholds the same?)"
-        )
+    if log.phases is not None:
+        mismatched = [e for e, (row, phase) in enumerate(zip(rows, log.phases, strict=True)) if row["phase"] != phase]
+        used = [
+            f"--{k.replace('_', '-')} {log.config[k]}" for k in CONTROLLER_SETTINGS.values() if log.config[k] != cfg[k]
+        ]
+        if not mismatched:
+            print("matches the phases recorded in the file")
+        else:
+            hint = f"; the run used {' '.join(used)}" if used else ""
+            print(f"differs from the recorded phases at epochs {mismatched}{hint}")
     stem = Path(args.replay).stem
     out = Path(args.output_dir)
-    settings = {
-        k: getattr(controller, k)
-        for k in ("s1_threshold", "s2_threshold", "lr_pulse", "grad_accum", "s3_patience", "window")
-    }
     replay_result = {
         "source": str(args.replay),
-        "controller": settings,
+        "controller": {key: cfg[key] for key in CONTROLLER_SETTINGS.values()},
         "per_epoch": rows,
         "transitions": controller.transitions,
         "transition_epochs": controller.transition_epochs,
@@ -1472,28 +1472,37 @@ def cifar10_dataset(data_dir):
     train_x, train_y, test_x, test_y = read_cifar10(folder)
     if len(train_y) != 5 * CIFAR_CASES_PER_BATCH:
         print(f"note: {folder} holds {len(train_y)} training images, not the 50,000 of CIFAR-10")
-    return Dataset("cifar10", train_x, train_y, test_x, test_y)
+    return Dataset(train_x, train_y, test_x, test_y)
+
+
+class SeedPlan(NamedTuple):
+    """What one seed will train on, and its config: everything that is checked before training."""
+
+    data: Dataset
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    config: dict
 
 
 def plan_seed(args, seed, device, precision):
-    """(data, train indices, val indices, config) of one seed: everything checkable before training."""
     data = synthetic_dataset(seed) if args.dataset == "synthetic" else cifar10_dataset(args.data_dir)
     train_idx, val_idx = split_indices(len(data.train_y), args.subset, args.val_size)
-    return data, train_idx, val_idx, run_config(args, seed, device, precision, data, len(train_idx))
+    return SeedPlan(data, train_idx, val_idx, run_config(args, seed, device, precision, data, len(train_idx)))
 
 
-def seed_run(args, seed, plan, device, output_dir, progress):
-    data, train_idx, val_idx, config = plan
+def start_seed_run(args, seed, plan, device, output_dir, progress):
+    """The seed's splits moved onto the device, in the layout the model uses there."""
     layout = memory_format_for(device, args.width)
 
     def split(images, labels):
         return DeviceSplit(images, labels, device, layout)
 
+    data = plan.data
     return SeedRun(
-        seed=seed, config=config, device=device, output_dir=output_dir, resume=args.resume,
-        train=split(data.train_x[train_idx], data.train_y[train_idx]),
+        seed=seed, config=plan.config, device=device, output_dir=output_dir, resume=args.resume,
+        train=split(data.train_x[plan.train_idx], data.train_y[plan.train_idx]),
         test=split(data.test_x, data.test_y),
-        val=split(data.train_x[val_idx], data.train_y[val_idx]) if args.val_size else None,
+        val=split(data.train_x[plan.val_idx], data.train_y[plan.val_idx]) if args.val_size else None,
         progress=progress,
     )  # fmt: skip
 
@@ -1521,7 +1530,7 @@ def train(args):
     plans = {}
     for seed in my_seeds:
         plan = plan_seed(args, seed, device, precision)
-        if args.resume and check_resumable(seed, output_dir, plan[-1]):
+        if args.resume and check_resumable(seed, output_dir, plan.config):
             print(f"seed {seed}: results_seed_{seed}.json exists with these settings; skipped")
             progress.skip(arms * args.epochs)
             continue
@@ -1535,11 +1544,11 @@ def train(args):
     where = f", rank {rank} of {world}" if world > 1 else ""
     print(
         f"{describe_data(vars(args))}: {len(plans)} seed(s) to train on {device}"
-        f" ({precision}, {arms} arms, {args.epochs} epochs{where})",
+        f" ({precision}, {arms} arms, {args.epochs} epochs{where})"
     )
     diverged = []
     for seed, plan in plans.items():
-        results = run_seed(seed_run(args, seed, plan, device, output_dir, progress))
+        results = run_seed(start_seed_run(args, seed, plan, device, output_dir, progress))
         for arm in ("baseline", "phase_aware", "control"):
             if arm in results and results[arm]["status"] == "diverged":
                 diverged.append(f"seed {seed} {arm} at epoch {results[arm]['diverged_epoch']}")

@@ -248,7 +248,6 @@ def test_archive_cannot_write_outside_its_folder(tmp_path):
 
 def test_synthetic_task_is_a_function_of_the_seed():
     a, b, c = pc.synthetic_dataset(1), pc.synthetic_dataset(1), pc.synthetic_dataset(2)
-    assert a.name == "synthetic"
     assert a.train_x.shape == (2048, 3, 32, 32) and a.train_x.dtype == np.uint8 and a.test_x.shape == (256, 3, 32, 32)
     assert set(np.unique(a.train_y)) == set(range(10))
     np.testing.assert_array_equal(a.train_x, b.train_x)
