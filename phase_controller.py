@@ -592,7 +592,10 @@ def controller_from_config(config):
 def native_bf16(device):
     """Whether the hardware computes bf16 natively; emulated bf16 is slower than fp32."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # a torch without the argument: it reports native support only
+            return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
         probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
         return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)

@@ -166,3 +166,22 @@ def test_a_model_copy_is_independent_of_the_other_arm():
     opt.step()
     b = pc.build_model(8, 7, torch.device("cpu"))
     assert all(torch.equal(start[k], v) for k, v in b.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "amx, avx512_bf16, expected", [(False, False, False), (True, False, True), (False, True, True)]
+)
+def test_bf16_autocast_only_where_cpus_compute_it_natively(monkeypatch, amx, avx512_bf16, expected):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert pc.native_bf16(torch.device("cpu")) is expected
+    assert pc.native_bf16(torch.device("mps")) is False
+
+
+def test_bf16_flag_on_trains_under_autocast(tmp_path):
+    argv = [*TINY, "--epochs", "1", "--warmup-epochs", "0", "--subset", "64", "--bf16", "on", "--output-dir", tmp_path]
+    code, _, stderr = run_main(argv)
+    assert code == 0, stderr
+    results = read_json(tmp_path / "results_seed_42.json")
+    assert results["config"]["precision"] == "bf16-autocast" and results["config"]["bf16"] == "on"
+    assert results["baseline"]["status"] == "ok"
