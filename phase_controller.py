@@ -1202,12 +1202,14 @@ def replay(args):
         print(f"transition {line}")
     if log.phases is not None:
         mismatched = [e for e, (row, phase) in enumerate(zip(rows, log.phases, strict=True)) if row["phase"] != phase]
-        used = [
-            f"--{k.replace('_', '-')} {log.config[k]}" for k in CONTROLLER_SETTINGS.values() if log.config[k] != cfg[k]
-        ]
         if not mismatched:
             print("matches the phases recorded in the file")
         else:
+            used = [
+                f"--{k.replace('_', '-')} {log.config[k]}"
+                for k in CONTROLLER_SETTINGS.values()
+                if log.config[k] != cfg[k]
+            ]
             hint = f"; the run used {' '.join(used)}" if used else ""
             print(f"differs from the recorded phases at epochs {mismatched}{hint}")
     stem = Path(args.replay).stem

@@ -17,7 +17,7 @@ import phase_controller as pc
 ROOT = Path(__file__).resolve().parents[1]
 TIMING_KEYS = {"time_seconds", "train_seconds", "eval_seconds"}
 
-# A run small enough for CPU tests: synthetic data, width 8, four steps per epoch.
+# A run small enough for CPU tests: synthetic data, width 4, four steps per epoch.
 TINY = ["--dataset", "synthetic", "--subset", "256", "--width", "4", "--batch-size", "64", "--epochs", "5"]
 # Thresholds that walk the phase arm through every phase within six tiny epochs: S1 at epoch 2,
 # S2 (accumulation 2) at epoch 3, S3 once the eval loss stops improving.
