@@ -619,29 +619,40 @@ def seed_everything(seed):
 def train_epoch(model, optimizer, batches, grad_accum, autocast):
     """One pass over batches; returns (mean per-sample loss, accuracy %), read from the device once.
 
-    With accumulation k each micro-batch loss is divided by k and the optimizer steps after
-    every k micro-batches and after the last one of the epoch.
+    With accumulation k the optimizer steps after every k micro-batches and after the last one of
+    the epoch. Every step uses the per-sample mean gradient over exactly the samples of its window:
+    micro-batch losses are summed over samples and the window's gradient is divided by its sample
+    count before the step. So a short last window (391 batches with k=2) steps at full strength,
+    and micro-batches of unequal size weigh by their size.
     """
     model.train()
-    loss_sum, correct, seen, pending = 0.0, 0, 0, 0
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    loss_sum, correct, seen, window, window_samples = 0.0, 0, 0, 0, 0
     for images, labels in batches:
         with autocast:
             logits = model(images)
-            loss = F.cross_entropy(logits, labels)
-        (loss / grad_accum).backward()
-        pending += 1
-        if pending == grad_accum:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            pending = 0
+            loss = F.cross_entropy(logits, labels, reduction="sum")
+        loss.backward()
+        window, window_samples = window + 1, window_samples + len(labels)
+        if window == grad_accum:
+            step_on_window_mean(optimizer, params, window_samples)
+            window, window_samples = 0, 0
         # Device-side running sums: no host sync per step.
-        loss_sum = loss_sum + loss.detach().float() * len(labels)
+        loss_sum = loss_sum + loss.detach().float()
         correct = correct + (logits.argmax(1) == labels).sum()
         seen += len(labels)
-    if pending:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    if window:
+        step_on_window_mean(optimizer, params, window_samples)
     return float(loss_sum) / seen, 100.0 * float(correct) / seen
+
+
+def step_on_window_mean(optimizer, params, samples):
+    """Turn the summed gradient of a window into its per-sample mean, step, and clear it."""
+    for p in params:
+        if p.grad is not None:
+            p.grad.div_(samples)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 @torch.no_grad()
@@ -694,6 +705,10 @@ class SeedRun:
     @property
     def autocast(self):
         return autocast_for(self.device, self.config["precision"])
+
+
+ARMS = (BASELINE, PHASE_AWARE, CONTROL) = ("baseline", "phase_aware", "control")
+METRICS = ("best_acc", "final_acc")
 
 
 def new_arm(controller, lr_mult):
@@ -821,26 +836,56 @@ def log_epoch(run, name, epoch, row, eta):
     print(f"{line}  {seconds:.1f}s  ETA {eta}")
 
 
-def delta(a, b):
-    return None if a is None or b is None else a - b
+def matched_lr_mult(phase_arm, config):
+    """The control's constant c, matched on the total first-order update (LR x optimizer steps).
+
+    Over the epochs the phase arm completed, with base LR b_e, applied multiplier m_e and
+    accumulation k_e (k_e micro-batches per step leave 1/k_e of the steps):
+        c = sum_e m_e * b_e / k_e  /  sum_e b_e
+    so the control, at accumulation 1, moves its weights as far in total as the phase arm did.
+    The plain mean of m_e ignores that epochs carry very different base LRs and step counts.
+    """
+    log = phase_arm["per_epoch"]
+    base = [base_lr_at(e, config["base_lr"], config["warmup_epochs"], config["epochs"]) for e in range(len(log["lr"]))]
+    update = sum(m * b / k for m, b, k in zip(log["lr_mult"], base, log["grad_accum"], strict=True))
+    return update / sum(base)
+
+
+def run_control(run, phase_arm):
+    """The LR-matched control arm: the base schedule times one constant, accumulation 1.
+    Not run when the phase arm diverged: its schedule, and so the constant, is incomplete."""
+    if phase_arm["status"] != "ok":
+        arm = new_arm(None, None)
+        arm.update(status="not_run", reason=f"phase_aware {phase_arm['status']} at epoch {phase_arm['diverged_epoch']}")
+        print(f"seed {run.seed} control: not run ({arm['reason']}; the matched constant needs its whole schedule)")
+        run.progress.skip(run.config["epochs"])
+        return finish_arm(arm, selected_by="eval_acc")
+    return run_arm(run, CONTROL, lr_mult=matched_lr_mult(phase_arm, run.config))
+
+
+def paired_delta(results, other, metric):
+    """phase_aware minus other on metric, or None unless both arms finished healthy."""
+    a, b = results[PHASE_AWARE], results[other]
+    return a[metric] - b[metric] if a["status"] == b["status"] == "ok" else None
 
 
 def run_seed(run):
-    """All arms of one seed; writes results_seed_N.json and figure_seed_N.png, then drops the checkpoints."""
+    """All arms of one seed; writes figure_seed_N.png, then results_seed_N.json, then drops the checkpoints."""
     seed_everything(run.seed)
     cfg = run.config
-    arms = {"baseline": run_arm(run, "baseline")}
-    arms["phase_aware"] = run_arm(run, "phase_aware", controller=controller_from_config(cfg))
+    arms = {BASELINE: run_arm(run, BASELINE)}
+    arms[PHASE_AWARE] = run_arm(run, PHASE_AWARE, controller=controller_from_config(cfg))
+    arms[PHASE_AWARE]["mean_lr_mult"] = float(np.mean(arms[PHASE_AWARE]["per_epoch"]["lr_mult"] or [1.0]))
     if cfg["control"] == "lr-matched":
-        applied = arms["phase_aware"]["per_epoch"]["lr_mult"]
-        arms["control"] = run_arm(run, "control", lr_mult=float(np.mean(applied)) if applied else 1.0)
+        arms[CONTROL] = run_control(run, arms[PHASE_AWARE])
     results = {"config": cfg, **arms}
-    for other in [name for name in arms if name != "phase_aware"]:
-        suffix = "" if other == "baseline" else f"_vs_{other}"
-        for metric in ("best_acc", "final_acc"):
-            results[f"delta_{metric}{suffix}"] = delta(arms["phase_aware"][metric], arms[other][metric])
-    write_json(run.output_dir / f"results_seed_{run.seed}.json", results)
+    for other in [name for name in arms if name != PHASE_AWARE]:
+        suffix = "" if other == BASELINE else f"_vs_{other}"
+        for metric in METRICS:
+            results[f"delta_{metric}{suffix}"] = paired_delta(results, other, metric)
     plot_seed(results, run.output_dir / f"figure_seed_{run.seed}.png")
+    # Last: its existence means the seed is complete (--resume skips it, --summarize reads it).
+    write_json(run.output_dir / f"results_seed_{run.seed}.json", results)
     for name in arms:
         run.checkpoint_path(name).unlink(missing_ok=True)
     print_seed_result(results)
@@ -849,17 +894,23 @@ def run_seed(run):
 
 def print_seed_result(results):
     seed = results["config"]["seed"]
-    for name in ("baseline", "phase_aware", "control"):
+    for name in ARMS:
         if name in results:
             arm = results[name]
-            status = "" if arm["status"] == "ok" else f"  [{arm['status']} at epoch {arm['diverged_epoch']}]"
+            status = "" if arm["status"] == "ok" else f"  [{arm_problem(arm)}]"
             print(f"seed {seed} {name:<11} best {fmt_acc(arm['best_acc'])}  final {fmt_acc(arm['final_acc'])}{status}")
-    for other, suffix in (("baseline", ""), ("control", "_vs_control")):
+    if CONTROL in results and results[CONTROL]["status"] == "ok":
+        print(
+            f"seed {seed} control lr_mult {results[CONTROL]['lr_mult']:.4f} (matched on the total update;"
+            f" the phase arm's plain mean multiplier is {results[PHASE_AWARE]['mean_lr_mult']:.4f})"
+        )
+    for other, suffix in ((BASELINE, ""), (CONTROL, "_vs_control")):
         if other in results:
             best, final = results[f"delta_best_acc{suffix}"], results[f"delta_final_acc{suffix}"]
             print(f"seed {seed} delta (phase_aware - {other}): best {fmt_acc(best, '+')}  final {fmt_acc(final, '+')}")
-    for line in results["phase_aware"].get("transitions", []):
+    for line in results[PHASE_AWARE].get("transitions", []):
         print(f"seed {seed} transition {line}")
+    print_criteria(seed_criteria(results), prefix=f"seed {seed} ")
 
 
 def fmt_acc(value, sign=""):
@@ -902,9 +953,10 @@ def sign_flip_p_value(deltas):
 
 
 def paired_stats(deltas):
-    d = np.asarray(deltas, dtype=float)
+    """Statistics of per-seed deltas {seed: delta} (only seeds whose two arms both finished)."""
+    d = np.asarray(list(deltas.values()), dtype=float)
     return {
-        "per_seed": [float(x) for x in d],
+        "per_seed": {str(seed): float(v) for seed, v in deltas.items()},
         "mean": float(d.mean()),
         "median": float(np.median(d)),
         "std": float(d.std(ddof=1)) if len(d) > 1 else None,
@@ -915,13 +967,40 @@ def paired_stats(deltas):
     }
 
 
-def describe(values):
-    present = [v for v in values if v is not None]
+def arm_problem(arm):
+    """Why an arm is no evidence (diverged, or not run), or None when it finished healthy."""
+    if arm["status"] == "ok":
+        return None
+    if arm["status"] == "diverged":
+        return f"diverged at epoch {arm['diverged_epoch']}"
+    return f"not run: {arm['reason']}"
+
+
+def describe(results, arm, metric):
+    """Mean and std of one arm's metric over the seeds where that arm finished healthy."""
+    per_seed = {str(s): r[arm][metric] if r[arm]["status"] == "ok" else None for s, r in results.items()}
+    present = [v for v in per_seed.values() if v is not None]
     return {
         "mean": float(np.mean(present)) if present else None,
         "std": float(np.std(present, ddof=1)) if len(present) > 1 else None,
-        "per_seed": values,
+        "seeds": len(present),
+        "per_seed": per_seed,
     }
+
+
+def compare(results, other):
+    """Paired phase_aware-minus-other statistics over the seeds where both arms finished healthy."""
+    excluded = []
+    for seed, r in results.items():
+        problems = [f"{name} {arm_problem(r[name])}" for name in (PHASE_AWARE, other) if arm_problem(r[name])]
+        if problems:
+            excluded.append({"seed": seed, "reason": "; ".join(problems)})
+    skip = {e["seed"] for e in excluded}
+    comparison = {"pairs": len(results) - len(skip), "excluded": excluded}
+    for metric in METRICS:
+        deltas = {s: paired_delta(r, other, metric) for s, r in results.items() if s not in skip}
+        comparison[metric] = paired_stats(deltas) if deltas else None
+    return comparison
 
 
 def load_seed_results(folder, seeds=None):
@@ -952,29 +1031,110 @@ def load_seed_results(folder, seeds=None):
 
 def build_summary(results):
     seeds = sorted(results)
-    arms = [a for a in ("baseline", "phase_aware", "control") if a in results[seeds[0]]]
+    results = {s: results[s] for s in seeds}
+    arms = [a for a in ARMS if a in results[seeds[0]]]
     summary = {"seeds": seeds, "config": run_identity(results[seeds[0]]["config"]), "arms": {}, "comparisons": {}}
     for arm in arms:
-        summary["arms"][arm] = {
-            metric: describe([results[s][arm][metric] for s in seeds]) for metric in ("best_acc", "final_acc")
-        }
+        summary["arms"][arm] = {metric: describe(results, arm, metric) for metric in METRICS}
         summary["arms"][arm]["status"] = {str(s): results[s][arm]["status"] for s in seeds}
-    for other in [name for name in arms if name != "phase_aware"]:
-        comparison = {}
-        for metric in ("best_acc", "final_acc"):
-            pairs = [(results[s]["phase_aware"][metric], results[s][other][metric]) for s in seeds]
-            deltas = [a - b for a, b in pairs if a is not None and b is not None]
-            comparison[metric] = paired_stats(deltas) if deltas else None
-        summary["comparisons"][f"phase_aware_vs_{other}"] = comparison
-    summary["transitions"] = {str(s): results[s]["phase_aware"].get("transition_epochs", {}) for s in seeds}
+    for other in [name for name in arms if name != PHASE_AWARE]:
+        summary["comparisons"][f"phase_aware_vs_{other}"] = compare(results, other)
+    summary["transitions"] = {str(s): results[s][PHASE_AWARE].get("transition_epochs", {}) for s in seeds}
+    summary["success_criteria"] = success_criteria(results, summary["comparisons"]["phase_aware_vs_baseline"])
     return summary
+
+
+#############################################
+#     The seed's success criteria, checked  #
+#############################################
+
+# What a successful reproduction shows, as the original project states it: a positive mean delta
+# over the baseline, a majority of seeds positive, visible S1 -> S2 transitions in the phase arm,
+# and a phase-aware LR that departs from the baseline's only after a detection. The deltas are
+# judged on the final accuracy: it involves no selection, and with --val-size it is a clean
+# held-out number for every arm.
+CRITERIA_METRIC = "final_acc"
+
+
+def s2_visible(phase_arm):
+    """S2 was entered early enough that its multipliers were applied in at least one epoch
+    (epoch e applies what the phase after epoch e-1 recommends)."""
+    phases = phase_arm["per_epoch"]["phase"]
+    applied = sum(phase == S2_AXIS_LOCK for phase in phases[:-1])
+    return {"met": applied > 0, "s2_entered_at": phase_arm.get("transition_epochs", {}).get("S2"),
+            "epochs_at_s2_multipliers": applied}  # fmt: skip
+
+
+def lr_departs_after_detection(results):
+    """The phase arm's recorded LR equals the baseline's until the epoch after the first detection."""
+    base, phase = results[BASELINE]["per_epoch"]["lr"], results[PHASE_AWARE]["per_epoch"]["lr"]
+    departed = [e for e, (a, b) in enumerate(zip(base, phase)) if not math.isclose(a, b, rel_tol=1e-12)]
+    first_departure = departed[0] if departed else None
+    detected = results[PHASE_AWARE].get("transition_epochs", {}).get("S1")
+    met = first_departure is None or (detected is not None and first_departure > detected)
+    return {"met": met, "first_departure_epoch": first_departure, "first_detection_epoch": detected}
+
+
+def seed_criteria(results):
+    """The criteria that one seed can show on its own."""
+    delta = paired_delta(results, BASELINE, CRITERIA_METRIC)
+    return {
+        "positive_delta": {"met": delta is not None and delta > 0, "metric": CRITERIA_METRIC, "delta": delta},
+        "s1_to_s2_visible": s2_visible(results[PHASE_AWARE]),
+        "lr_departs_only_after_detection": lr_departs_after_detection(results),
+    }
+
+
+def success_criteria(results, vs_baseline):
+    """The four criteria over all seeds; the deltas over healthy pairs only."""
+    stats = vs_baseline[CRITERIA_METRIC]
+    pairs, mean = (stats["total"], stats["mean"]) if stats else (0, None)
+    positive = stats["positive"] if stats else 0
+    visible = {str(s): s2_visible(r[PHASE_AWARE]) for s, r in results.items()}
+    departs = {str(s): lr_departs_after_detection(r) for s, r in results.items()}
+    return {
+        "positive_mean_delta": {"met": mean is not None and mean > 0, "metric": CRITERIA_METRIC,
+                                "mean_delta": mean, "pairs": pairs},
+        "majority_of_seeds_positive": {"met": positive > pairs / 2 if pairs else False, "positive": positive,
+                                       "pairs": pairs},
+        "s1_to_s2_visible": {"met": all(v["met"] for v in visible.values()),
+                             "seeds_met": sum(v["met"] for v in visible.values()), "seeds": len(visible),
+                             "per_seed": visible},
+        "lr_departs_only_after_detection": {"met": all(v["met"] for v in departs.values()),
+                                            "seeds_met": sum(v["met"] for v in departs.values()),
+                                            "seeds": len(departs), "per_seed": departs},
+    }  # fmt: skip
+
+
+def criterion_detail(name, c):
+    """The numbers behind one criterion, in words."""
+    if "seeds_met" in c:  # a summary's per-seed criterion
+        return f"{c['seeds_met']}/{c['seeds']} seeds"
+    if name == "positive_mean_delta":
+        return f"mean {c['metric']} delta {fmt_acc(c['mean_delta'], '+')} over {c['pairs']} healthy pairs"
+    if name == "majority_of_seeds_positive":
+        return f"{c['positive']}/{c['pairs']} healthy pairs positive"
+    if name == "positive_delta":
+        return f"{c['metric']} delta {fmt_acc(c['delta'], '+')}"
+    if name == "s1_to_s2_visible":
+        if c["s2_entered_at"] is None:
+            return "S2 never entered"
+        return f"S2 entered at epoch {c['s2_entered_at']}, its multipliers applied in {c['epochs_at_s2_multipliers']}"
+    departs, detected = c["first_departure_epoch"], c["first_detection_epoch"]
+    return f"LR first departs at epoch {departs}, S1 detected at epoch {detected}".replace("epoch None", "no epoch")
+
+
+def print_criteria(criteria, prefix=""):
+    for name, c in criteria.items():
+        verdict = "met" if c["met"] else "NOT met"
+        print(f"{prefix}criterion [{verdict:>7}] {name.replace('_', ' ')}: {criterion_detail(name, c)}")
 
 
 def write_summary(folder, seeds=None):
     results = load_seed_results(folder, seeds)
     summary = build_summary(results)
-    write_json(Path(folder) / "multi_seed_summary.json", summary)
     plot_summary(results, summary, Path(folder) / "multi_seed_summary.png")
+    write_json(Path(folder) / "multi_seed_summary.json", summary)
     print_summary(summary)
     return summary
 
@@ -985,17 +1145,21 @@ def print_summary(summary):
         best, final = stats["best_acc"], stats["final_acc"]
         print(
             f"  {arm:<11} best {fmt_acc(best['mean'])} +- {fmt_acc(best['std'])}"
-            f"  final {fmt_acc(final['mean'])} +- {fmt_acc(final['std'])}"
+            f"  final {fmt_acc(final['mean'])} +- {fmt_acc(final['std'])}  ({best['seeds']} healthy seeds)"
         )
     for name, comparison in summary["comparisons"].items():
-        for metric, s in comparison.items():
+        for excluded in comparison["excluded"]:
+            print(f"  {name}: seed {excluded['seed']} excluded ({excluded['reason']})")
+        for metric in METRICS:
+            s = comparison[metric]
             if s is None:
-                print(f"  {name} {metric}: no seed with both arms finished")
+                print(f"  {name} {metric}: no seed with both arms healthy")
                 continue
             print(
                 f"  {name} {metric}: mean {s['mean']:+.2f} (95% CI {s['ci95'][0]:+.2f}..{s['ci95'][1]:+.2f}), "
-                f"sign-flip p = {s['p_value']:.3f}, {s['positive']}/{s['total']} seeds positive"
+                f"sign-flip p = {s['p_value']:.3f}, {s['positive']}/{s['total']} healthy pairs positive"
             )
+    print_criteria(summary["success_criteria"], prefix="  ")
 
 
 #############################################
@@ -1004,9 +1168,9 @@ def print_summary(summary):
 
 PHASE_COLORS = {S0_EXPLORE: "#dddddd", S1_BOUNDARY: "#ffd8a8", S2_AXIS_LOCK: "#a5d8ff", S3_POLISH: "#b2f2bb"}
 ARM_STYLES = {
-    "baseline": ("tab:gray", "baseline"),
-    "phase_aware": ("tab:red", "phase-aware"),
-    "control": ("tab:blue", "LR-matched control"),
+    BASELINE: ("tab:gray", "baseline"),
+    PHASE_AWARE: ("tab:red", "phase-aware"),
+    CONTROL: ("tab:blue", "LR-matched control"),
 }
 
 
@@ -1047,7 +1211,7 @@ def save_figure(fig, path):
 def plot_seed(results, path):
     """2x2: test accuracy, training loss, dL with the S1 threshold, LR (log); shaded by phase."""
     plt = pyplot()
-    cfg, phase_arm = results["config"], results["phase_aware"]
+    cfg, phase_arm = results["config"], results[PHASE_AWARE]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), sharex=True)
     panels = [
         ("eval_acc", "test accuracy (%)"),
@@ -1058,7 +1222,7 @@ def plot_seed(results, path):
     for ax, (key, title) in zip(axes.flat, panels, strict=True):
         shade_phases(ax, phase_arm["per_epoch"]["phase"])
         mark_transitions(ax, phase_arm.get("transition_epochs", {}))
-        for name in ("baseline", "phase_aware", "control"):
+        for name in ARMS:
             if name not in results:
                 continue
             log = results[name]["per_epoch"]
@@ -1107,11 +1271,11 @@ def plot_summary(results, summary, path):
     curves.set(title=f"test accuracy, mean +- std over {len(seeds)} seeds", xlabel="epoch", ylabel="%")
     curves.legend(loc="lower right")
     x = np.arange(len(seeds))
-    comparisons = [(name, metric) for name in summary["comparisons"] for metric in ("best_acc", "final_acc")]
+    comparisons = [(name, metric) for name in summary["comparisons"] for metric in METRICS]
     width = 0.8 / len(comparisons)
     for i, (name, metric) in enumerate(comparisons):
         other = name.removeprefix("phase_aware_vs_")
-        values = [delta(results[s]["phase_aware"][metric], results[s][other][metric]) for s in seeds]
+        values = [paired_delta(results[s], other, metric) for s in seeds]
         bars.bar(x + i * width, [np.nan if v is None else v for v in values], width, label=f"{metric} vs {other}")
     bars.axhline(0, color="k", lw=0.8)
     bars.set_xticks(x + width * (len(comparisons) - 1) / 2, [str(s) for s in seeds])
@@ -1159,7 +1323,7 @@ def read_loss_log(path):
         else:
             data = json.loads(text)
             if isinstance(data, dict):  # a results file: the phase arm's view of the run
-                log, config = data["phase_aware"]["per_epoch"], data["config"]
+                log, config = data[PHASE_AWARE]["per_epoch"], data["config"]
                 train, phases = log["train_loss"], log["phase"]
                 eval_losses = log.get("val_loss", log["eval_loss"])  # what the controller saw
             elif isinstance(data, list) and all(isinstance(v, int | float) and not isinstance(v, bool) for v in data):
@@ -1551,10 +1715,12 @@ def train(args):
         f"{describe_data(vars(args))}: {len(plans)} seed(s) to train on {device}"
         f" ({precision}, {arms} arms, {args.epochs} epochs{where})"
     )
+    if not args.val_size:
+        print("note: without --val-size the test split drives the controller and best-epoch selection")
     diverged = []
     for seed, plan in plans.items():
         results = run_seed(start_seed_run(args, seed, plan, device, output_dir, progress))
-        for arm in ("baseline", "phase_aware", "control"):
+        for arm in ARMS:
             if arm in results and results[arm]["status"] == "diverged":
                 diverged.append(f"seed {seed} {arm} at epoch {results[arm]['diverged_epoch']}")
     if world > 1:

@@ -36,6 +36,32 @@ def test_accumulating_two_micro_batches_equals_one_step_on_their_union():
     assert not torch.equal(split[1].weight, toy_model()[1].weight)  # it did train
 
 
+@pytest.mark.parametrize(
+    "sizes, accum, windows",
+    [
+        ([8, 8, 8], 2, [[0, 1], [2]]),  # the last window is one micro-batch: a normal step on it
+        ([5, 3, 4], 2, [[0, 1], [2]]),  # unequal sizes weigh by size
+        ([6, 2, 7, 1, 3], 3, [[0, 1, 2], [3, 4]]),  # a short last window of two
+    ],
+)
+def test_every_window_steps_on_the_per_sample_mean_of_its_samples(sizes, accum, windows):
+    # The reference: plain SGD steps, one per window, each on the union of its micro-batches.
+    x, y = torch.randn(sum(sizes), 3, 2, 2), torch.randint(0, 5, (sum(sizes),))
+    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    micro = [(x[a:b], y[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
+    unions = [(torch.cat([micro[i][0] for i in w]), torch.cat([micro[i][1] for i in w])) for w in windows]
+    split, union = toy_model(), toy_model()
+    opt_split, opt_union = sgd(split), sgd(union)
+    for _ in range(2):
+        pc.train_epoch(split, opt_split, micro, accum, nullcontext())
+        for images, labels in unions:
+            opt_union.zero_grad()
+            F.cross_entropy(union(images), labels).backward()
+            opt_union.step()
+    for p, q in zip(split.parameters(), union.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("micro_batches, accum, steps", [(5, 1, 5), (5, 2, 3), (6, 3, 2), (2, 4, 1)])
 def test_optimizer_steps_every_k_micro_batches_and_after_the_last(micro_batches, accum, steps):
     model = toy_model()
