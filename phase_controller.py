@@ -275,7 +275,13 @@ def prepare_cifar10(data_dir):
         except (tarfile.TarError, OSError, EOFError) as e:
             raise UserError(f"{archive}: cannot unpack ({e}); {how_to_fix}") from None
         read_cifar10(Path(tmp) / CIFAR_FOLDER)
-        os.replace(Path(tmp) / CIFAR_FOLDER, folder)
+        try:
+            os.replace(Path(tmp) / CIFAR_FOLDER, folder)
+        except OSError:
+            if not folder.is_dir():
+                raise
+            # Another process (a Slurm task, say) put its folder in place first; it is read and
+            # checked like any existing folder, and ours goes away with the temporary folder.
     return folder
 
 
@@ -464,6 +470,15 @@ def base_lr_at(epoch, base_lr=BASE_LR, warmup_epochs=WARMUP_EPOCHS, epochs=EPOCH
 PHASES = ("S0_EXPLORE", "S1_BOUNDARY", "S2_AXIS_LOCK", "S3_POLISH")
 S0_EXPLORE, S1_BOUNDARY, S2_AXIS_LOCK, S3_POLISH = PHASES
 
+# The one phase -> (LR multiplier, gradient accumulation) table: what each phase asks of the next
+# epoch. A name stands for the controller's setting of that name.
+PHASE_ACTIONS = {
+    S0_EXPLORE: (1.0, 1),
+    S1_BOUNDARY: ("lr_pulse", 1),
+    S2_AXIS_LOCK: (0.5, "grad_accum"),
+    S3_POLISH: (0.1, "grad_accum"),
+}
+
 
 def loss_slope(losses, window=DL_WINDOW):
     """dL: the mean of the last min(window, n-1) first differences of a loss curve; 0 before two."""
@@ -527,13 +542,10 @@ class PhaseController:
         self.transition_epochs = {}  # {"S1": epoch, ...}, the 0-based epoch that caused it
 
     def recommendation(self):
-        """What the current phase asks of the next epoch: the phase -> multiplier table."""
-        lr_mult, grad_accum = {
-            S0_EXPLORE: (1.0, 1),
-            S1_BOUNDARY: (self.lr_pulse, 1),
-            S2_AXIS_LOCK: (0.5, self.grad_accum),
-            S3_POLISH: (0.1, self.grad_accum),
-        }[self.phase]
+        """What the current phase asks of the next epoch, from PHASE_ACTIONS."""
+        lr_mult, grad_accum = (
+            getattr(self, value) if isinstance(value, str) else value for value in PHASE_ACTIONS[self.phase]
+        )
         return Recommendation(lr_mult, grad_accum)
 
     def observe(self, train_loss, eval_loss=None):
@@ -1068,7 +1080,8 @@ def s2_visible(phase_arm):
 def lr_departs_after_detection(results):
     """The phase arm's recorded LR equals the baseline's until the epoch after the first detection."""
     base, phase = results[BASELINE]["per_epoch"]["lr"], results[PHASE_AWARE]["per_epoch"]["lr"]
-    departed = [e for e, (a, b) in enumerate(zip(base, phase)) if not math.isclose(a, b, rel_tol=1e-12)]
+    both = zip(base, phase, strict=False)  # a diverged arm's log is shorter
+    departed = [e for e, (a, b) in enumerate(both) if not math.isclose(a, b, rel_tol=1e-12)]
     first_departure = departed[0] if departed else None
     detected = results[PHASE_AWARE].get("transition_epochs", {}).get("S1")
     met = first_departure is None or (detected is not None and first_departure > detected)
@@ -1305,38 +1318,72 @@ class LossLog(NamedTuple):
 
 def read_loss_log(path):
     """A LossLog from a results_seed_N.json, a JSON list of training losses, or a CSV with a
-    train_loss column and an optional eval_loss column."""
+    train_loss column and an optional eval_loss column (as spreadsheets export them too)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8-sig")  # -sig: drops a spreadsheet's byte-order mark
     except OSError as e:
         raise UserError(f"--replay {path}: cannot read ({e.strerror})") from None
-    eval_losses = phases = config = None
+    except UnicodeDecodeError:
+        raise UserError(f"--replay {path}: not UTF-8 text (a binary file, or UTF-16: save it as UTF-8)") from None
     try:
+        if not text.strip():
+            raise ValueError("the file is empty")
         if path.suffix.lower() == ".csv":
-            rows = list(csv.DictReader(text.splitlines()))
-            if not rows or "train_loss" not in rows[0]:
-                raise ValueError("needs a header with a train_loss column and at least one row")
-            train = [float(r["train_loss"]) for r in rows]
-            if "eval_loss" in rows[0]:
-                eval_losses = [float(r["eval_loss"]) if r["eval_loss"].strip() else None for r in rows]
+            log = read_csv_losses(text)
         else:
-            data = json.loads(text)
-            if isinstance(data, dict):  # a results file: the phase arm's view of the run
-                log, config = data[PHASE_AWARE]["per_epoch"], data["config"]
-                train, phases = log["train_loss"], log["phase"]
-                eval_losses = log.get("val_loss", log["eval_loss"])  # what the controller saw
-            elif isinstance(data, list) and all(isinstance(v, int | float) and not isinstance(v, bool) for v in data):
-                train = data
-            else:
-                raise ValueError("expected a results file or a JSON list of numbers")
-        if not train:
-            raise ValueError("no losses in it")
-        if not all(math.isfinite(v) for v in train + [e for e in eval_losses or [] if e is not None]):
+            log = read_json_losses(json.loads(text))
+        values = log.train + [e for e in log.eval or [] if e is not None]
+        if not all(isinstance(v, int | float) and math.isfinite(v) for v in values):
             raise ValueError("losses must be finite numbers")
-    except (ValueError, KeyError, TypeError) as e:
+    except ValueError as e:
         raise UserError(f"--replay {path}: {e}") from None
-    return LossLog([float(v) for v in train], eval_losses, phases, config)
+    return log
+
+
+def read_csv_losses(text):
+    """Names and values may carry spaces and quotes; an empty eval_loss cell means no evaluation."""
+    rows = [[cell.strip() for cell in row] for row in csv.reader(text.splitlines()) if any(c.strip() for c in row)]
+    header, rows = rows[0], rows[1:]
+    if "train_loss" not in header:
+        raise ValueError(f"needs a header with a train_loss column, found {', '.join(header)}")
+    if not rows:
+        raise ValueError("no rows under the header")
+
+    def column(name, required):
+        at, values = header.index(name), []
+        for number, row in enumerate(rows, 1):
+            cell = row[at] if at < len(row) else ""
+            if not cell and required:
+                raise ValueError(f"row {number} has no {name}")
+            try:
+                values.append(float(cell) if cell else None)
+            except ValueError:
+                raise ValueError(f"row {number}: {name} {cell!r} is not a number") from None
+        return values
+
+    eval_losses = column("eval_loss", required=False) if "eval_loss" in header else None
+    return LossLog(column("train_loss", required=True), eval_losses, None, None)
+
+
+def read_json_losses(data):
+    if isinstance(data, list) and data and all(isinstance(v, int | float) and not isinstance(v, bool) for v in data):
+        return LossLog([float(v) for v in data], None, None, None)
+    if isinstance(data, list) and not data:
+        raise ValueError("no losses in it")
+    if not (isinstance(data, dict) and isinstance(data.get(PHASE_AWARE), dict) and "config" in data):
+        raise ValueError("expected a results_seed_N.json file or a JSON list of numbers")
+    try:  # a results file: the phase arm's view of the run
+        log = data[PHASE_AWARE]["per_epoch"]
+        train, phases = [float(v) for v in log["train_loss"]], log["phase"]
+        eval_losses = log.get("val_loss", log["eval_loss"])  # what the controller saw
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"a results file without the phase arm's per-epoch {e}") from None
+    if not train:
+        raise ValueError("no losses in it")
+    if len(eval_losses) != len(train) or len(phases) != len(train):
+        raise ValueError("a results file whose per-epoch lists differ in length")
+    return LossLog(train, eval_losses, phases, data["config"])
 
 
 def replay(args):
@@ -1548,19 +1595,15 @@ def check_args(args):
         (args.subset >= 0, f"--subset must be >= 0, got {args.subset}"),
         (args.val_size >= 0, f"--val-size must be >= 0, got {args.val_size}"),
         (args.base_lr > 0 and math.isfinite(args.base_lr), f"--base-lr must be > 0, got {args.base_lr}"),
-        (math.isfinite(args.s1_threshold), f"--s1-threshold must be finite, got {args.s1_threshold}"),
-        (
-            args.s2_threshold >= 0 and math.isfinite(args.s2_threshold),
-            f"--s2-threshold must be >= 0, got {args.s2_threshold}",
-        ),
-        (args.lr_pulse > 0 and math.isfinite(args.lr_pulse), f"--lr-pulse must be > 0, got {args.lr_pulse}"),
-        (args.grad_accum >= 1, f"--grad-accum must be >= 1, got {args.grad_accum}"),
-        (args.s3_patience >= 1, f"--s3-patience must be >= 1, got {args.s3_patience}"),
-        (args.dl_window >= 1, f"--dl-window must be >= 1, got {args.dl_window}"),
     ]
     for ok, message in rules:
         if not ok:
             raise UserError(message)
+    try:  # the controller's settings: PhaseController's own checks, reported under the flags' names
+        controller_from_config(vars(args))
+    except ValueError as e:
+        keyword, rest = str(e).split(" ", 1)
+        raise UserError(f"--{CONTROLLER_SETTINGS[keyword].replace('_', '-')} {rest}") from None
     args.seed_list = parse_seeds(args.seeds) if args.multi_seed else [args.seed]
 
 
@@ -1571,6 +1614,11 @@ def pick_device(name, local_rank=0):
     if name == "cuda":
         if not cuda:
             raise UserError(f"--device cuda asked for, but torch {torch.__version__} sees no CUDA device")
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(
+                f"local rank {local_rank} needs cuda:{local_rank}, but {torch.cuda.device_count()} CUDA device(s)"
+                " are visible: start at most that many processes per node"
+            )
         return torch.device("cuda", local_rank)
     if name == "mps" and not mps:
         raise UserError("--device mps asked for, but this torch sees no MPS device")
@@ -1681,7 +1729,7 @@ def distributed_env():
     return tuple(int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
 
 
-def train(args):
+def run_training(args):
     rank, world, local_rank = distributed_env()
     device = pick_device(args.device, local_rank)
     if args.bf16 == "on" and device.type == "mps":
@@ -1689,8 +1737,12 @@ def train(args):
     precision = "bf16-autocast" if args.bf16 == "on" or (args.bf16 == "auto" and native_bf16(device)) else "fp32"
     output_dir = check_output_dir(args.output_dir)
     if world > 1:
-        # Only a barrier is needed: gloo serves it on any device; seeds may run for days.
-        dist.init_process_group("gloo", timeout=timedelta(days=7))
+        # Only collectives of small Python objects are needed: gloo serves them on any device.
+        dist.init_process_group("gloo", timeout=timedelta(days=7))  # seeds may run for days
+        if args.dataset == "cifar10":  # one rank prepares the data folder, the others then read it
+            if rank == 0:
+                prepare_cifar10(args.data_dir)
+            dist.barrier()
     torch.use_deterministic_algorithms(True, warn_only=True)
     my_seeds = args.seed_list[rank::world]
     arms = 3 if args.control == "lr-matched" else 2
@@ -1700,7 +1752,7 @@ def train(args):
     for seed in my_seeds:
         plan = plan_seed(args, seed, device, precision)
         if args.resume and check_resumable(seed, output_dir, plan.config):
-            print(f"seed {seed}: results_seed_{seed}.json exists with these settings; skipped")
+            finish_skipped_seed(seed, output_dir)
             progress.skip(arms * args.epochs)
             continue
         # Temp files a killed process left behind; a seed belongs to one process only, so this is safe.
@@ -1720,14 +1772,18 @@ def train(args):
     diverged = []
     for seed, plan in plans.items():
         results = run_seed(start_seed_run(args, seed, plan, device, output_dir, progress))
-        for arm in ARMS:
-            if arm in results and results[arm]["status"] == "diverged":
-                diverged.append(f"seed {seed} {arm} at epoch {results[arm]['diverged_epoch']}")
-    if world > 1:
-        dist.barrier()
+        diverged += [f"seed {seed} {arm} at epoch {results[arm]['diverged_epoch']}" for arm in ARMS
+                     if arm in results and results[arm]["status"] == "diverged"]  # fmt: skip
+    if world > 1:  # every rank learns every rank's divergences, so all agree on the exit code
+        gathered = [None] * world
+        dist.all_gather_object(gathered, diverged)
+        diverged = [line for lines in gathered for line in lines]
     if args.multi_seed and rank == 0:
         write_summary(output_dir, args.seed_list)
     if world > 1:
+        # No rank exits before rank 0 has written the summary: torchrun stops every worker as soon
+        # as one exits with an error.
+        dist.barrier()
         dist.destroy_process_group()
     if diverged:
         print(
@@ -1737,6 +1793,17 @@ def train(args):
         )
         return 1
     return 0
+
+
+def finish_skipped_seed(seed, output_dir):
+    """A finished seed under --resume: redraw a figure a kill left missing, drop leftover checkpoints."""
+    print(f"seed {seed}: results_seed_{seed}.json exists with these settings; skipped")
+    figure = output_dir / f"figure_seed_{seed}.png"
+    if not figure.exists():
+        plot_seed(json.loads((output_dir / f"results_seed_{seed}.json").read_text()), figure)
+        print(f"seed {seed}: redrew {figure.name} from the results file")
+    for path in output_dir.glob(f"checkpoint_seed_{seed}_*.pt"):
+        path.unlink()
 
 
 def main(argv=None):
@@ -1752,7 +1819,7 @@ def main(argv=None):
         if args.replay:
             check_output_dir(args.output_dir)
             return replay(args)
-        return train(args)
+        return run_training(args)
     except UserError as e:
         print(f"phase_controller.py: error: {e}", file=sys.stderr)
         return 2

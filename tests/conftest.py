@@ -1,7 +1,12 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+# The tests run on the CPU in fp32 on every machine: CUDA is hidden before torch starts (child
+# processes inherit it), and the shared arguments pin --device cpu --bf16 off.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

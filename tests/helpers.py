@@ -17,8 +17,10 @@ import phase_controller as pc
 ROOT = Path(__file__).resolve().parents[1]
 TIMING_KEYS = {"time_seconds", "train_seconds", "eval_seconds"}
 
-# A run small enough for CPU tests: synthetic data, width 4, four steps per epoch.
-TINY = ["--dataset", "synthetic", "--subset", "256", "--width", "4", "--batch-size", "64", "--epochs", "5"]
+# A run small enough for CPU tests: synthetic data, width 4, four steps per epoch, on the CPU in
+# fp32 whatever the machine offers (bf16 has tests of its own).
+TINY = ["--dataset", "synthetic", "--subset", "256", "--width", "4", "--batch-size", "64", "--epochs", "5",
+        "--device", "cpu", "--bf16", "off"]  # fmt: skip
 # Thresholds that walk the phase arm through every phase within six tiny epochs: S1 at epoch 2,
 # S2 (accumulation 2) at epoch 3, S3 once the eval loss stops improving.
 ALL_PHASES = ["--epochs", "6", "--s2-threshold", "1.0", "--s3-patience", "1"]

@@ -3,7 +3,6 @@
 import re
 
 import pytest
-import torch
 from helpers import ROOT, TINY, cli, read_json, run_main, write_cifar_folder
 
 import phase_controller as pc
@@ -25,9 +24,10 @@ BAD_ARGUMENTS = [
     (["--multi-seed", "--seeds", "1,2,1"], "--seeds has duplicates"),
     (["--s2-threshold", "-0.001"], "--s2-threshold must be >= 0"),
     (["--lr-pulse", "0"], "--lr-pulse must be > 0"),
-    (["--grad-accum", "0"], "--grad-accum must be >= 1"),
-    (["--s3-patience", "0"], "--s3-patience must be >= 1"),
-    (["--dl-window", "0"], "--dl-window must be >= 1"),
+    (["--s1-threshold", "inf"], "--s1-threshold must be finite"),
+    (["--grad-accum", "0"], "--grad-accum must be an integer >= 1"),
+    (["--s3-patience", "0"], "--s3-patience must be an integer >= 1"),
+    (["--dl-window", "0"], "--dl-window must be an integer >= 1"),
     (["--device", "tpu"], "invalid choice"),
     (["--no-such-flag"], "unrecognized arguments"),
     (["--summarize", "x", "--replay", "y"], "not allowed with argument"),
@@ -57,10 +57,21 @@ def test_zero_warmup_is_allowed():
     assert args.seed_list == [42]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_asked_for_but_absent(tmp_path):
     code, _, stderr = run_main(["--device", "cuda", "--output-dir", tmp_path / "out"])
     assert code == 2 and "--device cuda asked for, but" in stderr and stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_more_ranks_than_gpus_is_one_line_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(pc.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(pc.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, stdout, stderr = run_main([*TINY, "--device", "cuda", "--output-dir", tmp_path / "out"])
+    assert code == 2 and stderr.count("\n") == 1 and stdout == ""
+    assert "local rank 1 needs cuda:1, but 1 CUDA device(s) are visible" in stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -229,6 +229,27 @@ def test_corrupted_download_leaves_nothing(tmp_path, monkeypatch):
     assert list(data_dir.iterdir()) == []
 
 
+def test_another_process_finishing_first_is_no_crash(tmp_path, monkeypatch):
+    # Two processes unpack into the same --data-dir; the other one renames its folder into place
+    # while this one is still unpacking. This one must then use that folder, not crash on its rename.
+    archive, md5 = make_archive(tmp_path)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    archive.rename(data_dir / pc.CIFAR_ARCHIVE)
+    monkeypatch.setattr(pc, "CIFAR_ARCHIVE_MD5", md5)
+    extract = pc.extract_cifar_archive
+
+    def extract_while_another_process_finishes(archive, dest):
+        extract(archive, dest)
+        write_cifar_folder(data_dir, per_batch=30, seed=1)  # the other process's complete folder
+
+    monkeypatch.setattr(pc, "extract_cifar_archive", extract_while_another_process_finishes)
+    folder = pc.prepare_cifar10(data_dir)
+    assert folder == data_dir / pc.CIFAR_FOLDER
+    assert len(pc.read_cifar10(folder)[1]) == 150  # the other process's, intact
+    assert hidden_leftovers(data_dir) == []
+
+
 def test_archive_cannot_write_outside_its_folder(tmp_path):
     archive = tmp_path / "evil.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import ALL_PHASES, ROOT, TINY, read_json, run_main, without_timings
+from helpers import ALL_PHASES, ROOT, TINY, cli, read_json, run_main, without_timings
 
 import phase_controller as pc
 
@@ -31,10 +31,15 @@ def test_sign_flip_p_value_is_exact(deltas, p_value):
     assert pc.sign_flip_p_value(deltas) == pytest.approx(p_value)
 
 
-def test_sign_flip_beyond_sixteen_seeds_is_a_fixed_monte_carlo():
-    deltas = np.linspace(0.1, 2.0, 20)
-    p = pc.sign_flip_p_value(deltas)
-    assert p == pc.sign_flip_p_value(deltas) and p == pytest.approx(1 / 100_001, rel=0.5)
+@pytest.mark.parametrize(
+    "deltas, low, high",
+    [
+        ([1.0, -1.0] * 10, 1.0, 1.0),  # mean 0: every sampled pattern is as extreme
+        ([1.0] * 20, 0.0, 3 / 100_001),  # only 2 of 2^20 patterns reach |mean| 1: about 0.2 of 100,000 draws
+    ],
+)
+def test_sign_flip_beyond_sixteen_seeds_samples_patterns(deltas, low, high):
+    assert low <= pc.sign_flip_p_value(deltas) <= high
 
 
 @pytest.mark.parametrize(
@@ -49,19 +54,18 @@ def test_bootstrap_interval_in_hand_computable_cases(values, interval):
     assert pc.bootstrap_ci(values) == pytest.approx(interval)
 
 
-def test_bootstrap_interval_is_fixed_and_inside_the_data_range():
-    deltas = [0.3, -0.4, 1.2, 0.8, 0.1]
-    low, high = pc.bootstrap_ci(deltas)
-    assert pc.bootstrap_ci(deltas) == [low, high]
-    assert min(deltas) <= low < np.mean(deltas) < high <= max(deltas)
+def test_bootstrap_interval_of_a_skewed_sample():
+    # A resample mean of [0, 0, 0, 1] is k/4 with k ~ Binomial(4, 1/4): P(0) = 0.32, so the 2.5th
+    # percentile is 0; P(k <= 2) = 0.949 and P(k <= 3) = 0.996, so the 97.5th is 3/4.
+    assert pc.bootstrap_ci([0.0, 0.0, 0.0, 1.0]) == pytest.approx([0.0, 0.75])
 
 
 def test_paired_stats_fields():
-    s = pc.paired_stats([1.0, 2.0, 3.0])
-    assert s["per_seed"] == [1.0, 2.0, 3.0] and s["mean"] == 2.0 and s["median"] == 2.0
+    s = pc.paired_stats({42: 1.0, 7: 2.0, 137: 3.0})
+    assert s["per_seed"] == {"42": 1.0, "7": 2.0, "137": 3.0} and s["mean"] == 2.0 and s["median"] == 2.0
     assert s["std"] == pytest.approx(1.0) and s["positive"] == 3 and s["total"] == 3
     assert s["p_value"] == pytest.approx(0.25) and s["ci95"][0] >= 1.0 and s["ci95"][1] <= 3.0
-    assert pc.paired_stats([0.5])["std"] is None
+    assert pc.paired_stats({5: 0.5})["std"] is None
 
 
 # ----- the LR-matched control arm and validation selection -----
@@ -75,20 +79,58 @@ def control_run(tmp_path_factory):
     return out, read_json(out / "results_seed_42.json")
 
 
-def test_control_arm_runs_at_the_phase_arms_mean_multiplier(control_run):
+def schedule(base_lr, warmup, epochs):
+    """The warmup+cosine base LRs, written out here from the README's formula."""
+    return [
+        base_lr * (e + 1) / warmup
+        if e < warmup
+        else base_lr * 0.5 * (1 + math.cos(math.pi * (e - warmup) / (epochs - warmup)))
+        for e in range(epochs)
+    ]
+
+
+def phase_log(multipliers, accumulations, base_lr=0.01, warmup=2):
+    epochs = len(multipliers)
+    lrs = [b * m for b, m in zip(schedule(base_lr, warmup, epochs), multipliers, strict=True)]
+    arm = {"status": "ok", "per_epoch": {"lr": lrs, "lr_mult": multipliers, "grad_accum": accumulations}}
+    return arm, {"base_lr": base_lr, "warmup_epochs": warmup, "epochs": epochs}
+
+
+@pytest.mark.parametrize(
+    "multipliers, accumulations, matched, mean",
+    [
+        # The issue's example: 1.0 for epochs 0-2, the S1 pulse for 3-27, S2 (0.5, accumulation 2) for 28-29.
+        ([1.0] * 3 + [1.1] * 25 + [0.5] * 2, [1] * 28 + [2] * 2, 1.0835, 1.05),
+        # S2's multipliers from epoch 18 and S3's from 24: the plain mean would put the control 23% low.
+        ([1.0] * 3 + [1.1] * 15 + [0.5] * 6 + [0.1] * 6, [1] * 18 + [2] * 12, 0.9824, 0.77),
+    ],
+)
+def test_control_constant_matches_the_total_update(multipliers, accumulations, matched, mean):
+    arm, cfg = phase_log(multipliers, accumulations)
+    assert pc.matched_lr_mult(arm, cfg) == pytest.approx(matched, abs=5e-5)
+    assert np.mean(multipliers) == pytest.approx(mean)  # what the old control used, for contrast
+
+
+def test_control_constant_by_hand_on_three_epochs():
+    # Warmup 1 of 3 epochs: base LRs 1, 1, 0.5 (x base_lr). Sum of m*b/k = 1 + 2 + 0.125 = 3.125; sum b = 2.5.
+    arm, cfg = phase_log([1.0, 2.0, 0.5], [1, 1, 2], base_lr=1.0, warmup=1)
+    assert pc.matched_lr_mult(arm, cfg) == pytest.approx(1.25)
+
+
+def test_control_arm_runs_at_the_matched_constant(control_run):
     _, results = control_run
-    phase, control, cfg = results["phase_aware"], results["control"], results["config"]
-    mean_mult = float(np.mean(phase["per_epoch"]["lr_mult"]))
-    assert mean_mult > 1.0  # the S1 pulse was applied
-    assert control["lr_mult"] == mean_mult
-    for epoch, lr in enumerate(control["per_epoch"]["lr"]):
-        assert lr == pytest.approx(
-            pc.base_lr_at(epoch, cfg["base_lr"], cfg["warmup_epochs"], cfg["epochs"]) * mean_mult
-        )
+    phase, control, base = results["phase_aware"], results["control"], results["baseline"]
+    # The phase arm's recorded LRs are m*b and the baseline's are b: the matched constant from the logs.
+    steps = phase["per_epoch"]["grad_accum"]
+    expected = sum(lr / k for lr, k in zip(phase["per_epoch"]["lr"], steps, strict=True)) / sum(base["per_epoch"]["lr"])
+    assert control["lr_mult"] == pytest.approx(expected, rel=1e-12) and control["lr_mult"] > 1.0  # the pulse
+    assert phase["mean_lr_mult"] == pytest.approx(sum(phase["per_epoch"]["lr_mult"]) / 5)
+    for lr_control, lr_base in zip(control["per_epoch"]["lr"], base["per_epoch"]["lr"], strict=True):
+        assert lr_control == pytest.approx(lr_base * expected, rel=1e-12)
     assert "grad_accum" not in control["per_epoch"]  # accumulation 1 throughout
     assert results["delta_best_acc_vs_control"] == phase["best_acc"] - control["best_acc"]
     assert results["delta_final_acc_vs_control"] == phase["final_acc"] - control["final_acc"]
-    assert results["delta_best_acc"] == phase["best_acc"] - results["baseline"]["best_acc"]
+    assert results["delta_best_acc"] == phase["best_acc"] - base["best_acc"]
 
 
 def test_validation_split_drives_the_controller_and_selection(control_run):
@@ -138,18 +180,26 @@ def test_summary_fields(multi_seed_run):
     out, _ = multi_seed_run
     summary = read_json(out / "multi_seed_summary.json")
     assert summary["seeds"] == [3, 7]
-    assert summary["config"] == pc.run_identity(read_json(out / "results_seed_3.json")["config"])
+    seeds = {s: read_json(out / f"results_seed_{s}.json") for s in (3, 7)}
+    assert summary["config"] == pc.run_identity(seeds[3]["config"])
     for arm in ("baseline", "phase_aware"):
         best = summary["arms"][arm]["best_acc"]
-        per_seed = [read_json(out / f"results_seed_{s}.json")[arm]["best_acc"] for s in (3, 7)]
-        assert best["per_seed"] == per_seed and best["mean"] == pytest.approx(np.mean(per_seed))
-        assert best["std"] == pytest.approx(np.std(per_seed, ddof=1))
+        per_seed = {str(s): r[arm]["best_acc"] for s, r in seeds.items()}
+        assert best["per_seed"] == per_seed and best["seeds"] == 2
+        a, b = per_seed.values()
+        assert best["mean"] == pytest.approx((a + b) / 2) and best["std"] == pytest.approx(abs(a - b) / math.sqrt(2))
     comparison = summary["comparisons"]["phase_aware_vs_baseline"]
+    assert comparison["pairs"] == 2 and comparison["excluded"] == []
     for metric in ("best_acc", "final_acc"):
-        deltas = [read_json(out / f"results_seed_{s}.json")[f"delta_{metric}"] for s in (3, 7)]
-        assert comparison[metric] == pc.paired_stats(deltas)
-        assert {"mean", "median", "std", "per_seed", "positive", "total", "ci95", "p_value"} <= set(comparison[metric])
+        deltas = {str(s): r["phase_aware"][metric] - r["baseline"][metric] for s, r in seeds.items()}
+        stats = comparison[metric]
+        assert stats["per_seed"] == deltas and stats["total"] == 2
+        assert stats["mean"] == pytest.approx(sum(deltas.values()) / 2)
+        assert stats["positive"] == sum(d > 0 for d in deltas.values())
     assert set(summary["transitions"]) == {"3", "7"} and "S1" in summary["transitions"]["3"]
+    assert set(summary["success_criteria"]) == {
+        "positive_mean_delta", "majority_of_seeds_positive", "s1_to_s2_visible", "lr_departs_only_after_detection"
+    }  # fmt: skip
     assert (out / "multi_seed_summary.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -175,6 +225,21 @@ def test_two_process_torchrun_equals_the_multi_seed_run(multi_seed_run, tmp_path
         assert without_timings(mine) == without_timings(theirs)
 
 
+def test_torchrun_keeps_every_rank_until_the_summary_is_written(tmp_path):
+    # Every seed's phase arm diverges (a huge S1 pulse): rank 1 must not exit, and so make torchrun
+    # stop rank 0, before rank 0 has written the summary. Every rank then exits with 1.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [str(ROOT / "phase_controller.py"), *SHARD_RUN, "--epochs", "5", "--lr-pulse", "100000"]
+    command += ["--multi-seed", "--seeds", "1,2", "--output-dir", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    summary = read_json(tmp_path / "multi_seed_summary.json")
+    assert summary["seeds"] == [1, 2] and summary["arms"]["phase_aware"]["status"] == {"1": "diverged", "2": "diverged"}
+    assert (tmp_path / "multi_seed_summary.png").exists()
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: 2 arm(s) diverged (seed 1")]
+    assert len(errors) == 2  # both ranks report both seeds
+
+
 def test_summarize_refuses_shards_with_other_settings(multi_seed_run, tmp_path):
     out, _ = multi_seed_run
     shutil.copy(out / "results_seed_3.json", tmp_path)
@@ -190,6 +255,121 @@ def test_summarize_refuses_shards_with_other_settings(multi_seed_run, tmp_path):
 def test_summarize_without_results(tmp_path):
     code, _, stderr = run_main(["--summarize", tmp_path])
     assert code == 2 and "no results_seed_N.json files in" in stderr
+
+
+# ----- summaries of crafted results files: healthy pairs and the success criteria -----
+
+S0, S1, S2, S3 = pc.PHASES
+LRS = [0.005, 0.01, 0.01, 0.009, 0.007, 0.005]  # a baseline's six recorded LRs
+
+
+def crafted(seed, baseline_final, phase_final, phases=(S0, S0, S1, S1, S2, S2), phase_lrs=None, status="ok"):
+    """A results file as a run writes it, with only what a summary reads."""
+    transitions = {p[:2]: phases.index(p) for p in (S1, S2, S3) if p in phases}
+    phase_lrs = phase_lrs or [0.005, 0.01, 0.01, 0.0099, 0.0035, 0.0025]
+
+    def arm(final, lrs, **extra):
+        per_epoch = {"eval_acc": [final - 1.0] * (len(lrs) - 1) + [final], "lr": lrs, **extra}
+        return {"status": "ok", "best_acc": final, "final_acc": final, "per_epoch": per_epoch}
+
+    config = {key: 0 for key in pc.RUN_KEYS} | {"dataset": "synthetic", "seed": seed, "epochs": 6}
+    phase = arm(phase_final, phase_lrs, phase=list(phases))
+    phase["transition_epochs"] = transitions
+    if status == "diverged":
+        phase.update(status="diverged", diverged_epoch=3)
+    return {"config": config, "baseline": arm(baseline_final, LRS), "phase_aware": phase}
+
+
+def summarize(tmp_path, files):
+    for results in files:
+        (tmp_path / f"results_seed_{results['config']['seed']}.json").write_text(json.dumps(results))
+    code, stdout, stderr = run_main(["--summarize", tmp_path])
+    assert code == 0, stderr
+    return read_json(tmp_path / "multi_seed_summary.json"), stdout
+
+
+def test_a_diverged_pair_is_excluded_and_deltas_keep_their_seeds(tmp_path):
+    files = [crafted(1, 50.0, 51.5), crafted(2, 50.0, 20.0, status="diverged"), crafted(3, 60.0, 59.5)]
+    summary, stdout = summarize(tmp_path, files)
+    comparison = summary["comparisons"]["phase_aware_vs_baseline"]
+    assert comparison["pairs"] == 2
+    assert comparison["excluded"] == [{"seed": 2, "reason": "phase_aware diverged at epoch 3"}]
+    final = comparison["final_acc"]
+    assert final["per_seed"] == {"1": 1.5, "3": -0.5} and final["mean"] == pytest.approx(0.5)
+    assert final["total"] == 2 and final["positive"] == 1
+    assert summary["arms"]["phase_aware"]["final_acc"]["per_seed"] == {"1": 51.5, "2": None, "3": 59.5}
+    assert summary["arms"]["phase_aware"]["final_acc"]["mean"] == pytest.approx(55.5)
+    assert summary["arms"]["baseline"]["final_acc"]["mean"] == pytest.approx(160 / 3)
+    assert "phase_aware_vs_baseline: seed 2 excluded (phase_aware diverged at epoch 3)" in stdout
+    assert "1/2 healthy pairs positive" in stdout
+
+
+def test_no_healthy_pair_gives_no_statistics(tmp_path):
+    summary, stdout = summarize(tmp_path, [crafted(4, 50.0, 10.0, status="diverged")])
+    comparison = summary["comparisons"]["phase_aware_vs_baseline"]
+    assert comparison["pairs"] == 0 and comparison["best_acc"] is None and comparison["final_acc"] is None
+    criteria = summary["success_criteria"]
+    assert not criteria["positive_mean_delta"]["met"] and not criteria["majority_of_seeds_positive"]["met"]
+    assert "no seed with both arms healthy" in stdout
+
+
+@pytest.mark.parametrize(
+    "finals, mean_met, majority_met",
+    [
+        ([(50.0, 51.0), (50.0, 52.0), (50.0, 49.5)], True, True),  # +1, +2, -0.5
+        ([(50.0, 53.0), (50.0, 49.0), (50.0, 49.0)], True, False),  # mean +0.33 but one seed of three
+        ([(50.0, 49.0), (50.0, 50.5), (50.0, 49.0)], False, False),  # mean -0.5, one of three
+        ([(50.0, 49.0), (50.0, 51.0)], False, False),  # mean 0 is not positive; half is not a majority
+    ],
+)
+def test_criteria_on_the_deltas(tmp_path, finals, mean_met, majority_met):
+    summary, _ = summarize(tmp_path, [crafted(s, b, p) for s, (b, p) in enumerate(finals)])
+    criteria = summary["success_criteria"]
+    assert criteria["positive_mean_delta"]["met"] is mean_met
+    assert criteria["majority_of_seeds_positive"]["met"] is majority_met
+    assert criteria["positive_mean_delta"]["pairs"] == len(finals)
+
+
+@pytest.mark.parametrize(
+    "phases, visible, applied",
+    [
+        ((S0, S0, S1, S1, S2, S2), True, 1),  # S2 after epoch 4: applied in epoch 5
+        ((S0, S0, S1, S2, S2, S3), True, 2),
+        ((S0, S0, S1, S1, S1, S2), False, 0),  # entered after the last epoch: never applied
+        ((S0, S0, S1, S1, S1, S1), False, 0),
+    ],
+)
+def test_criterion_s1_to_s2_visible(tmp_path, phases, visible, applied):
+    summary, _ = summarize(tmp_path, [crafted(1, 50.0, 51.0, phases=phases), crafted(2, 50.0, 51.0)])
+    criterion = summary["success_criteria"]["s1_to_s2_visible"]
+    assert criterion["per_seed"]["1"]["met"] is visible
+    assert criterion["per_seed"]["1"]["epochs_at_s2_multipliers"] == applied
+    assert criterion["met"] is visible and criterion["seeds_met"] == 1 + visible
+
+
+@pytest.mark.parametrize(
+    "phases, phase_lrs, met",
+    [
+        ((S0, S0, S1, S1, S2, S2), [0.005, 0.01, 0.01, 0.0099, 0.0035, 0.0025], True),  # S1 at 2, departs at 3
+        ((S0, S0, S1, S1, S2, S2), [0.005, 0.01, 0.011, 0.0099, 0.0035, 0.0025], False),  # departs at 2
+        ((S0, S0, S0, S0, S0, S0), [0.005, 0.01, 0.01, 0.009, 0.007, 0.0051], False),  # no detection at all
+        ((S0, S0, S0, S0, S0, S0), LRS, True),  # never departs
+    ],
+)
+def test_criterion_lr_departs_only_after_detection(tmp_path, phases, phase_lrs, met):
+    summary, _ = summarize(tmp_path, [crafted(1, 50.0, 51.0, phases=phases, phase_lrs=phase_lrs)])
+    criterion = summary["success_criteria"]["lr_departs_only_after_detection"]
+    assert criterion["met"] is met and criterion["per_seed"]["1"]["met"] is met
+
+
+def test_single_seed_run_prints_its_criteria(default_run):
+    _, results, stdout = default_run
+    delta = results["phase_aware"]["final_acc"] - results["baseline"]["final_acc"]
+    verdict = "    met" if delta > 0 else "NOT met"
+    assert f"seed 42 criterion [{verdict}] positive delta: final_acc delta {delta:+.2f}%" in stdout
+    # The tiny run enters S2 after epoch 3, so its multipliers apply in epochs 4 and 5.
+    assert "seed 42 criterion [    met] s1 to s2 visible: S2 entered at epoch 3, its multipliers applied in 2" in stdout
+    assert "seed 42 criterion [    met] lr departs only after detection" in stdout
 
 
 # ----- replay -----
@@ -211,38 +391,62 @@ def test_replay_of_a_results_file_reproduces_its_phases(default_run, tmp_path):
     assert "the run used --s2-threshold 1.0 --s3-patience 1" in stdout
 
 
-def expected_phases(losses, evals=None, **settings):
-    ctl = pc.PhaseController(**settings)
-    return [
-        (ctl.observe(loss, ev), ctl.phase)[1] for loss, ev in zip(losses, evals or [None] * len(losses), strict=True)
-    ]
-
-
 def test_replay_of_a_json_list(tmp_path):
-    losses = [2.3, 2.2, 2.0, 1.8, 1.7, 1.699, 1.698, 1.697, 1.696]  # S1 at epoch 2, S2 at epoch 7
+    # dL at epoch 2 is (2.0 - 2.3) / 2 = -0.15: S1. |dL| first drops below 0.005 at epoch 7: (1.697 - 1.7) / 3.
+    losses = [2.3, 2.2, 2.0, 1.8, 1.7, 1.699, 1.698, 1.697, 1.696]
     path = tmp_path / "losses.json"
     path.write_text(json.dumps(losses))
     code, stdout, _ = run_main(["--replay", path, "--output-dir", tmp_path])
     assert code == 0 and "transition epoch 2: S0_EXPLORE -> S1_BOUNDARY" in stdout
     replayed = read_json(tmp_path / "replay_losses.json")
-    assert [row["phase"] for row in replayed["per_epoch"]] == expected_phases(losses)
+    assert [row["phase"] for row in replayed["per_epoch"]] == [S0, S0, S1, S1, S1, S1, S1, S2, S2]
     assert replayed["per_epoch"][-1]["lr_mult"] == 0.5 and replayed["per_epoch"][-1]["grad_accum"] == 2
 
 
-def test_replay_of_a_csv_with_eval_losses(tmp_path):
-    # S1 at epoch 2, S2 at epoch 6, then eval losses 1.47 (best), 1.47, 1.48: two stale, S3 at epoch 9.
-    losses = [2.3, 2.0, 1.7, 1.5, 1.49, 1.489, 1.488, 1.487, 1.486, 1.485]
-    evals = [2.2, 1.9, 1.6, 1.5, 1.45, 1.46, 1.46, 1.47, 1.47, 1.48]
-    path = tmp_path / "log.csv"
-    path.write_text(
-        "epoch,train_loss,eval_loss\n"
-        + "".join(f"{i},{a},{b}\n" for i, (a, b) in enumerate(zip(losses, evals, strict=True)))
+# S1 at epoch 2, S2 at epoch 6, then eval losses 1.47 (best), 1.47, 1.48: two stale, S3 at epoch 9.
+CSV_LOSSES = [2.3, 2.0, 1.7, 1.5, 1.49, 1.489, 1.488, 1.487, 1.486, 1.485]
+CSV_EVALS = [2.2, 1.9, 1.6, 1.5, 1.45, 1.46, 1.46, 1.47, 1.47, 1.48]
+
+
+def csv_rows(template, evals=CSV_EVALS):
+    return "".join(
+        template.format(i, a, "" if b is None else b) for i, (a, b) in enumerate(zip(CSV_LOSSES, evals, strict=True))
     )
-    code, _, _ = run_main(["--replay", path, "--s3-patience", "2", "--output-dir", tmp_path])
-    assert code == 0
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "epoch,train_loss,eval_loss\n" + csv_rows("{},{},{}\n"),
+        "\ufeffepoch,train_loss,eval_loss\r\n" + csv_rows("{},{},{}\r\n"),  # spreadsheet: BOM, CRLF
+        "epoch, train_loss, eval_loss\n" + csv_rows("{}, {} , {}\n"),  # spaces around names and values
+        '"epoch","train_loss","eval_loss"\n' + csv_rows('"{}","{}","{}"\n'),  # quoted
+        "train_loss,eval_loss,epoch\n\n" + csv_rows("{1},{2},{0}\n"),  # other column order, a blank line
+    ],
+    ids=["plain", "bom-crlf", "spaces", "quoted", "reordered"],
+)
+def test_replay_reads_csv_as_people_write_it(tmp_path, text):
+    path = tmp_path / "log.csv"
+    path.write_bytes(text.encode())
+    code, _, stderr = run_main(["--replay", path, "--s3-patience", "2", "--output-dir", tmp_path])
+    assert code == 0, stderr
     replayed = read_json(tmp_path / "replay_log.json")
-    assert [row["phase"] for row in replayed["per_epoch"]] == expected_phases(losses, evals, s3_patience=2)
+    assert [row["train_loss"] for row in replayed["per_epoch"]] == CSV_LOSSES
+    assert [row["eval_loss"] for row in replayed["per_epoch"]] == CSV_EVALS
+    assert [row["phase"] for row in replayed["per_epoch"]] == [S0, S0, S1, S1, S1, S1, S2, S2, S2, S3]
     assert replayed["transition_epochs"] == {"S1": 2, "S2": 6, "S3": 9}
+
+
+def test_replay_csv_with_a_partly_empty_eval_column(tmp_path):
+    # Without eval losses at epochs 7 and 8 only 1.47 (best) and 1.48 are seen in S2: no S3 at patience 2.
+    evals = [*CSV_EVALS[:7], None, None, CSV_EVALS[9]]
+    path = tmp_path / "gaps.csv"
+    path.write_text("epoch,train_loss,eval_loss\n" + csv_rows("{},{},{}\n", evals))
+    code, _, stderr = run_main(["--replay", path, "--s3-patience", "2", "--output-dir", tmp_path])
+    assert code == 0, stderr
+    replayed = read_json(tmp_path / "replay_gaps.json")
+    assert [row["eval_loss"] for row in replayed["per_epoch"]] == evals
+    assert replayed["transition_epochs"] == {"S1": 2, "S2": 6}
 
 
 def test_replay_of_a_csv_without_eval_column(tmp_path):
@@ -257,21 +461,37 @@ def test_replay_of_a_csv_without_eval_column(tmp_path):
     [
         ("missing.json", None, "cannot read"),
         ("bad.json", "[1.0, 2.0", "Expecting"),
-        ("words.json", '["a", "b"]', "expected a results file or a JSON list of numbers"),
+        ("words.json", '["a", "b"]', "expected a results_seed_N.json file or a JSON list of numbers"),
         ("empty.json", "[]", "no losses in it"),
+        ("blank.json", "", "the file is empty"),
         ("nan.json", "[2.0, NaN, 1.0]", "losses must be finite numbers"),
-        ("other.json", '{"some": "dict"}', "phase_aware"),
-        ("no_column.csv", "loss\n1.0\n", "train_loss column"),
-        ("text.csv", "train_loss\n1.0\nabc\n", "could not convert"),
+        ("other.json", '{"some": "dict"}', "expected a results_seed_N.json file or a JSON list of numbers"),
+        ("partial.json", '{"config": {}, "phase_aware": {"status": "ok"}}', "without the phase arm's per-epoch"),
+        ("no_column.csv", "loss\n1.0\n", "needs a header with a train_loss column, found loss"),
+        ("header_only.csv", "train_loss,eval_loss\n", "no rows under the header"),
+        ("blank.csv", "\n\n", "the file is empty"),
+        ("text.csv", "train_loss\n1.0\nabc\n", "row 2: train_loss 'abc' is not a number"),
+        ("text_eval.csv", "train_loss,eval_loss\n1.0,0.5\n0.9,n/a\n", "row 2: eval_loss 'n/a' is not a number"),
+        ("missing_cell.csv", "train_loss,eval_loss\n1.0,0.9\n,0.8\n", "row 2 has no train_loss"),
+        ("short_row.csv", "epoch,train_loss\n0,1.0\n1\n", "row 2 has no train_loss"),
         ("bad_eval.csv", "train_loss,eval_loss\n1.0,inf\n", "losses must be finite numbers"),
+        ("utf16.csv", "train_loss\n1.0\n".encode("utf-16"), "not UTF-8 text"),
+        ("binary.json", bytes(range(256)), "not UTF-8 text"),
     ],
 )
 def test_bad_replay_files_give_one_line(tmp_path, name, content, message):
     path = tmp_path / name
     if content is not None:
-        path.write_text(content)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
     code, _, stderr = run_main(["--replay", path, "--output-dir", tmp_path / "out"])
     assert code == 2 and stderr.count("\n") == 1 and message in stderr and f"--replay {path}" in stderr
+
+
+def test_bad_replay_file_in_a_real_process_has_no_traceback(tmp_path):
+    path = tmp_path / "binary.csv"
+    path.write_bytes(b"\x00\xff\xfe\x80" * 64)
+    result = cli("--replay", path, "--output-dir", tmp_path / "out")
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "not UTF-8 text" in result.stderr
 
 
 def test_replay_settings_come_from_the_flags(tmp_path):

@@ -109,7 +109,7 @@ def test_outputs_and_their_keys(default_run):
              "output_dir", "data_dir", "dataset", "subset", "width", "batch_size", "base_lr", "warmup_epochs",
              "grad_accum", "s3_patience", "dl_window", "bf16", "control", "val_size"}  # fmt: skip
     assert flags | {"torch_version", "model_params", "precision", "memory_format"} <= set(config)
-    assert config["dataset"] == "synthetic" and config["precision"] in ("fp32", "bf16-autocast")
+    assert config["dataset"] == "synthetic" and config["precision"] == "fp32" and config["device"] == "cpu"
     assert config["model_params"] == sum(p.numel() for p in pc.CifarResNet(config["width"]).parameters())
     assert set(results) == {"config", "baseline", "phase_aware", "delta_best_acc", "delta_final_acc"}
     per_epoch = ["train_loss", "train_acc", "eval_loss", "eval_acc", "lr", "train_seconds", "eval_seconds"]
@@ -204,10 +204,33 @@ def test_bf16_autocast_only_where_cpus_compute_it_natively(monkeypatch, amx, avx
     assert pc.native_bf16(torch.device("mps")) is False
 
 
-def test_bf16_flag_on_trains_under_autocast(tmp_path):
-    argv = [*TINY, "--epochs", "1", "--warmup-epochs", "0", "--subset", "64", "--bf16", "on", "--output-dir", tmp_path]
+def test_bf16_autocast_computes_in_bf16():
+    model = pc.build_model(4, 0, torch.device("cpu"))
+    with pc.autocast_for(torch.device("cpu"), "bf16-autocast"):
+        assert model(torch.randn(2, 3, 32, 32)).dtype == torch.bfloat16
+    with pc.autocast_for(torch.device("cpu"), "fp32"):
+        assert model(torch.randn(2, 3, 32, 32)).dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "flag, native, precision, dtype",  # dtype: of the training logits
+    [
+        ("on", False, "bf16-autocast", torch.bfloat16),  # emulated where not native: slow but works
+        ("auto", True, "bf16-autocast", torch.bfloat16),
+        ("auto", False, "fp32", torch.float32),
+        ("off", True, "fp32", torch.float32),
+    ],
+)
+def test_bf16_flag_decides_what_training_computes_in(tmp_path, monkeypatch, flag, native, precision, dtype):
+    monkeypatch.setattr(pc, "native_bf16", lambda device: native)
+    seen, cross_entropy = set(), F.cross_entropy
+    monkeypatch.setattr(
+        pc.F, "cross_entropy", lambda logits, *a, **k: seen.add(logits.dtype) or cross_entropy(logits, *a, **k)
+    )
+    argv = [*TINY, "--epochs", "1", "--warmup-epochs", "0", "--subset", "64", "--bf16", flag, "--output-dir", tmp_path]
     code, _, stderr = run_main(argv)
     assert code == 0, stderr
     results = read_json(tmp_path / "results_seed_42.json")
-    assert results["config"]["precision"] == "bf16-autocast" and results["config"]["bf16"] == "on"
-    assert results["baseline"]["status"] == "ok"
+    assert results["config"]["precision"] == precision and results["config"]["bf16"] == flag
+    # Training logits come out of the model in bf16 under autocast; evaluation casts its own to fp32.
+    assert (torch.bfloat16 in seen) is (dtype == torch.bfloat16) and results["baseline"]["status"] == "ok"
