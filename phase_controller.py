@@ -77,6 +77,7 @@ LR_PULSE = 1.10  # LR multiplier while in S1_BOUNDARY
 GRAD_ACCUM = 2  # micro-batches per optimizer step in S2 and S3
 S3_PATIENCE = 5  # evaluations without improvement in S2 before S3
 DL_WINDOW = 3  # first differences averaged into dL
+DL_MODE = "absolute"  # dL in loss units per epoch; "relative": divided by the latest loss
 EVAL_MIN_DELTA = 1e-4  # an eval loss must beat the best by this much to count as progress
 
 # Runs.
@@ -102,8 +103,10 @@ CIFAR_CASES_PER_BATCH = 10000
 RUN_KEYS = (
     "dataset", "subset", "val_size", "epochs", "warmup_epochs", "base_lr", "batch_size",
     "width", "momentum", "weight_decay", "precision", "control", "s1_threshold",
-    "s2_threshold", "lr_pulse", "grad_accum", "s3_patience", "dl_window",
+    "s2_threshold", "lr_pulse", "grad_accum", "s3_patience", "dl_window", "dl_mode",
 )  # fmt: skip
+# Settings added after results files were first written, and what runs before them used.
+RUN_KEY_DEFAULTS = {"dl_mode": "absolute"}
 
 
 class UserError(Exception):
@@ -480,13 +483,15 @@ PHASE_ACTIONS = {
 }
 
 
-def loss_slope(losses, window=DL_WINDOW):
-    """dL: the mean of the last min(window, n-1) first differences of a loss curve; 0 before two."""
+def loss_slope(losses, window=DL_WINDOW, mode=DL_MODE):
+    """dL: the mean of the last min(window, n-1) first differences of a loss curve; 0 before two.
+    mode "relative" divides it by the latest loss."""
     n = len(losses)
     if n < 2:
         return 0.0
     w = min(window, n - 1)
-    return (losses[-1] - losses[-1 - w]) / w
+    slope = (losses[-1] - losses[-1 - w]) / w
+    return slope / losses[-1] if mode == "relative" else slope
 
 
 class Recommendation(NamedTuple):
@@ -506,6 +511,11 @@ class PhaseController:
                                       that entered it) without beating the best by 1e-4
         S3_POLISH is final.
 
+    slope="absolute" (the original) takes dL in loss units per epoch, so the thresholds mean
+    different things at a loss of 2.0 and of 0.05; slope="relative" divides dL by the latest
+    training loss, so the thresholds are fractions of the loss per epoch and transfer between
+    tasks and loss scales.
+
     Like torch's ReduceLROnPlateau, all state (settings and counters) is in state_dict().
     """
 
@@ -517,7 +527,10 @@ class PhaseController:
         grad_accum=GRAD_ACCUM,
         s3_patience=S3_PATIENCE,
         window=DL_WINDOW,
+        slope=DL_MODE,
     ):
+        if slope not in ("absolute", "relative"):
+            raise ValueError(f"slope must be 'absolute' or 'relative', got {slope!r}")
         if not math.isfinite(s1_threshold):
             raise ValueError(f"s1_threshold must be finite, got {s1_threshold}")
         if not s2_threshold >= 0 or not math.isfinite(s2_threshold):
@@ -533,6 +546,7 @@ class PhaseController:
         self.grad_accum = int(grad_accum)
         self.s3_patience = int(s3_patience)
         self.window = int(window)
+        self.slope = slope
         self.losses = []  # every training loss observed
         self.dL = 0.0
         self.phase = S0_EXPLORE
@@ -554,8 +568,10 @@ class PhaseController:
             raise ValueError(f"train_loss must be finite, got {train_loss}")
         if eval_loss is not None and not math.isfinite(eval_loss):
             raise ValueError(f"eval_loss must be finite or None, got {eval_loss}")
+        if self.slope == "relative" and not train_loss > 0:
+            raise ValueError(f"a relative slope needs positive training losses, got {train_loss}")
         self.losses.append(float(train_loss))
-        self.dL = loss_slope(self.losses, self.window)
+        self.dL = loss_slope(self.losses, self.window, self.slope)
         if self.phase == S0_EXPLORE and len(self.losses) >= 3 and self.dL < self.s1_threshold:
             self._enter(S1_BOUNDARY, f"dL {self.dL:+.4f} < s1_threshold {self.s1_threshold:+.4f}")
         elif self.phase == S1_BOUNDARY and abs(self.dL) < self.s2_threshold:
@@ -585,10 +601,83 @@ class PhaseController:
         self.__dict__.update(copy.deepcopy(state_dict))
 
 
+class PhaseScheduler:
+    """A PhaseController's LR multiplier on top of any torch LR scheduler, never compounding.
+
+        scheduler = PhaseScheduler(optimizer, PhaseController(), base=OneCycleLR(optimizer, ...))
+        for epoch in range(epochs):
+            for batch in batches:
+                ...                       # forward, backward, optimizer.step() every grad_accum batches
+                scheduler.step()          # wherever you would step `base`: per batch or per epoch
+            lr_mult, grad_accum = scheduler.observe(train_loss, eval_loss)
+
+    After every call each param group's LR is the base scheduler's own, unscaled LR for that group
+    times the current multiplier: before each base step the unscaled LRs are put back, so
+    recursive schedulers (MultiStepLR, ExponentialLR) compute from their own values and
+    closed-form ones (LambdaLR, OneCycleLR) are not overwritten. base=None keeps the optimizer's
+    LRs at construction as a constant base. Without a controller the multiplier stays lr_mult.
+
+    Accumulation: with a per-batch base schedule, call step() after every micro-batch, also those
+    that end in no optimizer step. The base schedule then advances with the data seen, whatever
+    grad_accum the controller recommends, and ends where it would without accumulation; each
+    optimizer step uses the LR in force at its last micro-batch. (Stepping only with the
+    optimizer would stretch the schedule by grad_accum and overrun OneCycleLR's total_steps.)
+    """
+
+    def __init__(self, optimizer, controller=None, base=None, lr_mult=1.0):
+        self.optimizer, self.controller, self.base = optimizer, controller, base
+        recommendation = controller.recommendation() if controller is not None else Recommendation(lr_mult, 1)
+        self.lr_mult, self.grad_accum = recommendation
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]  # the base's own, unscaled
+        self._apply()
+
+    def _apply(self):
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base_lr * self.lr_mult
+
+    def step(self, *args, **kwargs):
+        """Advance the base scheduler (arguments pass through, e.g. ReduceLROnPlateau's metric)."""
+        if self.base is not None:
+            for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+                group["lr"] = base_lr
+            self.base.step(*args, **kwargs)
+            self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self._apply()
+
+    def observe(self, train_loss, eval_loss=None):
+        """One epoch's losses to the controller; its multiplier applies from the next optimizer step."""
+        recommendation = self.controller.observe(train_loss, eval_loss)
+        self.lr_mult, self.grad_accum = recommendation
+        self._apply()
+        return recommendation
+
+    def get_last_lr(self):
+        """The LRs applied now, one per param group (the base's times the multiplier)."""
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self):
+        return {
+            "base": None if self.base is None else self.base.state_dict(),
+            "controller": None if self.controller is None else self.controller.state_dict(),
+            "lr_mult": self.lr_mult,
+            "grad_accum": self.grad_accum,
+            "base_lrs": list(self.base_lrs),
+        }
+
+    def load_state_dict(self, state_dict):
+        if self.base is not None:
+            self.base.load_state_dict(state_dict["base"])
+        if self.controller is not None:
+            self.controller.load_state_dict(state_dict["controller"])
+        self.lr_mult, self.grad_accum = state_dict["lr_mult"], state_dict["grad_accum"]
+        self.base_lrs = list(state_dict["base_lrs"])
+        self._apply()
+
+
 # Each PhaseController keyword and the config key (the flag's name) that sets it.
 CONTROLLER_SETTINGS = {
     "s1_threshold": "s1_threshold", "s2_threshold": "s2_threshold", "lr_pulse": "lr_pulse",
-    "grad_accum": "grad_accum", "s3_patience": "s3_patience", "window": "dl_window",
+    "grad_accum": "grad_accum", "s3_patience": "s3_patience", "window": "dl_window", "slope": "dl_mode",
 }  # fmt: skip
 
 
@@ -734,6 +823,14 @@ def new_arm(controller, lr_mult):
     return arm
 
 
+def base_schedule(optimizer, config):
+    """The shared warmup+cosine schedule as a torch scheduler stepped once per epoch. The optimizer
+    is built with LR 1.0, so LambdaLR's factor is the LR itself: exactly base_lr_at."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda epoch: base_lr_at(epoch, config["base_lr"], config["warmup_epochs"], config["epochs"])
+    )
+
+
 def run_arm(run, name, controller=None, lr_mult=1.0):
     """Train one arm of a seed; the controller (or a constant lr_mult) is all that differs between arms.
 
@@ -742,15 +839,16 @@ def run_arm(run, name, controller=None, lr_mult=1.0):
     """
     epochs = run.config["epochs"]
     model = build_model(run.config["width"], run.seed, run.device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    arm, start = restore_arm(run, name, model, optimizer, controller) or (new_arm(controller, lr_mult), 0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    scheduler = PhaseScheduler(optimizer, controller, base=base_schedule(optimizer, run.config), lr_mult=lr_mult)
+    arm, start = restore_arm(run, name, model, optimizer, scheduler) or (new_arm(controller, lr_mult), 0)
     if arm["status"] != "ok":  # it diverged before the interruption: nothing left to train
         run.progress.skip(epochs - start)
         start = epochs
-    lr_mult, grad_accum = controller.recommendation() if controller is not None else (lr_mult, 1)
     for epoch in range(start, epochs):
-        lr = base_lr_at(epoch, run.config["base_lr"], run.config["warmup_epochs"], epochs) * lr_mult
-        row = train_and_evaluate(run, model, optimizer, epoch, lr, grad_accum)
+        applied = {"lr": scheduler.get_last_lr()[0], "lr_mult": scheduler.lr_mult, "grad_accum": scheduler.grad_accum}
+        row = train_and_evaluate(run, model, optimizer, f"seed {run.seed} {name:<11}", epoch, applied["grad_accum"])
+        row["lr"] = applied["lr"]
         arm["time_seconds"] += row["train_seconds"] + row["eval_seconds"]
         diverged = [
             f"{k} {row[k]}" for k in ("train_loss", "eval_loss", "val_loss") if not math.isfinite(row.get(k, 0))
@@ -762,13 +860,14 @@ def run_arm(run, name, controller=None, lr_mult=1.0):
         else:
             if controller is not None:
                 # lr_mult and grad_accum as applied in this epoch; phase and dL after observing it.
-                row.update(lr_mult=lr_mult, grad_accum=grad_accum)
-                lr_mult, grad_accum = controller.observe(row["train_loss"], row.get("val_loss", row["eval_loss"]))
+                row.update(lr_mult=applied["lr_mult"], grad_accum=applied["grad_accum"])
+                scheduler.observe(row["train_loss"], row.get("val_loss", row["eval_loss"]))
                 row.update(phase=controller.phase, dL=controller.dL)
             for key, value in row.items():
                 arm["per_epoch"].setdefault(key, []).append(value)
             log_epoch(run, name, epoch, row, run.progress.tick(row["train_seconds"] + row["eval_seconds"]))
-        save_checkpoint(run, name, model, optimizer, controller, arm, epoch + 1)
+        scheduler.step()  # the next epoch's base LR
+        save_checkpoint(run, name, model, optimizer, scheduler, arm, epoch + 1)
         if diverged:
             break
     if controller is not None:
@@ -777,12 +876,13 @@ def run_arm(run, name, controller=None, lr_mult=1.0):
     return finish_arm(arm, selected_by="val_acc" if run.val is not None else "eval_acc")
 
 
-def train_and_evaluate(run, model, optimizer, epoch, lr, grad_accum):
-    """One epoch of training at lr, then evaluation: the epoch's row of per_epoch values."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+def train_and_evaluate(run, model, optimizer, label, epoch, grad_accum):
+    """One epoch of training at the optimizer's LR, then evaluation: the epoch's row of per_epoch values."""
     t0 = time.perf_counter()
-    batches = run.train.train_batches(run.config["batch_size"], run.seed, epoch)
+    batch_size = run.config["batch_size"]
+    batches = run.train.train_batches(batch_size, run.seed, epoch)
+    total = math.ceil(len(run.train) / batch_size)
+    batches = show_batches(batches, total, f"{label} epoch {epoch + 1:>3}/{run.config['epochs']}")
     row = {}
     row["train_loss"], row["train_acc"] = train_epoch(model, optimizer, batches, grad_accum, run.autocast)
     t1 = time.perf_counter()
@@ -790,11 +890,32 @@ def train_and_evaluate(run, model, optimizer, epoch, lr, grad_accum):
         row["eval_loss"], row["eval_acc"] = evaluate(model, run.test, run.autocast)
         if run.val is not None:
             row["val_loss"], row["val_acc"] = evaluate(model, run.val, run.autocast)
-    row.update(lr=lr, train_seconds=t1 - t0, eval_seconds=time.perf_counter() - t1)
+    row.update(train_seconds=t1 - t0, eval_seconds=time.perf_counter() - t1)
     return row
 
 
-def restore_arm(run, name, model, optimizer, controller):
+def show_batches(batches, total, label, stream=None):
+    """The batches, unchanged. On a terminal one self-updating line shows batches done, images/s
+    and the epoch's ETA while they are consumed; in a pipe or a log file nothing is added."""
+    stream = stream or sys.stdout
+    if not stream.isatty():
+        yield from batches
+        return
+    start = last = time.perf_counter()
+    images = 0
+    for done, (x, y) in enumerate(batches, 1):
+        yield x, y  # resumes once the batch is trained on
+        images += len(y)
+        now = time.perf_counter()
+        if now - last >= 0.5 or done == total:
+            eta = (total - done) * (now - start) / done
+            stream.write(f"\r{label}  batch {done}/{total}  {images / (now - start):.0f} img/s  ETA {eta:.0f}s\033[K")
+            stream.flush()
+            last = now
+    stream.write("\r\033[K")  # the epoch's own line takes its place
+
+
+def restore_arm(run, name, model, optimizer, scheduler):
     """(arm record, next epoch) from the arm's checkpoint when resuming; None when starting afresh."""
     path = run.checkpoint_path(name)
     if not (run.resume and path.exists()):
@@ -802,21 +923,20 @@ def restore_arm(run, name, model, optimizer, controller):
     state = torch.load(path, map_location=run.device, weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    if controller is not None:
-        controller.load_state_dict(state["controller"])
+    scheduler.load_state_dict(state["scheduler"])
     run.progress.skip(state["next_epoch"])
     print(f"seed {run.seed} {name}: resumed after epoch {state['next_epoch'] - 1}")
     return state["arm"], state["next_epoch"]
 
 
-def save_checkpoint(run, name, model, optimizer, controller, arm, next_epoch):
+def save_checkpoint(run, name, model, optimizer, scheduler, arm, next_epoch):
     state = {
         "config": run.config,
         "next_epoch": next_epoch,
         "arm": arm,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "controller": None if controller is None else controller.state_dict(),
+        "scheduler": scheduler.state_dict(),  # base schedule, controller and multiplier
     }
     write_atomically(run.checkpoint_path(name), lambda tmp: torch.save(state, tmp))
 
@@ -1224,7 +1344,7 @@ def save_figure(fig, path):
 def plot_seed(results, path):
     """2x2: test accuracy, training loss, dL with the S1 threshold, LR (log); shaded by phase."""
     plt = pyplot()
-    cfg, phase_arm = results["config"], results[PHASE_AWARE]
+    cfg, phase_arm = run_identity(results["config"]) | results["config"], results[PHASE_AWARE]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), sharex=True)
     panels = [
         ("eval_acc", "test accuracy (%)"),
@@ -1242,7 +1362,10 @@ def plot_seed(results, path):
             values = (
                 log[key]
                 if key != "dL"
-                else [loss_slope(log["train_loss"][: i + 1], cfg["dl_window"]) for i in range(len(log["train_loss"]))]
+                else [
+                    loss_slope(log["train_loss"][: i + 1], cfg["dl_window"], cfg["dl_mode"])
+                    for i in range(len(log["train_loss"]))
+                ]
             )
             color, label = ARM_STYLES[name]
             ax.plot(range(len(values)), values, color=color, label=label, lw=1.6)
@@ -1416,11 +1539,8 @@ def replay(args):
         if not mismatched:
             print("matches the phases recorded in the file")
         else:
-            used = [
-                f"--{k.replace('_', '-')} {log.config[k]}"
-                for k in CONTROLLER_SETTINGS.values()
-                if log.config[k] != cfg[k]
-            ]
+            recorded = {k: log.config.get(k, RUN_KEY_DEFAULTS.get(k)) for k in CONTROLLER_SETTINGS.values()}
+            used = [f"--{k.replace('_', '-')} {v}" for k, v in recorded.items() if v != cfg[k]]
             hint = f"; the run used {' '.join(used)}" if used else ""
             print(f"differs from the recorded phases at epochs {mismatched}{hint}")
     stem = Path(args.replay).stem
@@ -1560,6 +1680,12 @@ def build_parser():
     ctl.add_argument(
         "--dl-window", type=int, default=DL_WINDOW, help="first differences averaged into dL (default %(default)s)"
     )
+    ctl.add_argument(
+        "--dl-mode",
+        choices=("absolute", "relative"),
+        default=DL_MODE,
+        help="absolute: dL in loss units per epoch; relative: dL / latest training loss (default %(default)s)",
+    )
     modes = p.add_argument_group("other modes (no training)").add_mutually_exclusive_group()
     modes.add_argument(
         "--summarize",
@@ -1653,7 +1779,7 @@ def run_config(args, seed, device, precision, data, train_size):
 
 
 def run_identity(config):
-    return {k: config[k] for k in RUN_KEYS}
+    return {k: config[k] if k in config else RUN_KEY_DEFAULTS[k] for k in RUN_KEYS}
 
 
 def check_resumable(seed, output_dir, config):
@@ -1672,9 +1798,8 @@ def check_resumable(seed, output_dir, config):
             raise UserError(
                 f"--resume: cannot read {path} ({type(e).__name__}: {e}); delete it to start that seed afresh"
             ) from None
-        differing = [
-            f"{k} {saved.get(k)!r} there, {identity[k]!r} now" for k in RUN_KEYS if saved.get(k) != identity[k]
-        ]
+        saved = {k: saved.get(k, RUN_KEY_DEFAULTS.get(k)) for k in RUN_KEYS}
+        differing = [f"{k} {saved[k]!r} there, {identity[k]!r} now" for k in RUN_KEYS if saved[k] != identity[k]]
         if differing:
             raise UserError(
                 f"--resume: {path} was made with other settings ({'; '.join(differing)}); "
@@ -1807,7 +1932,10 @@ def finish_skipped_seed(seed, output_dir):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+    """The command line (also the installed `phase-controller` command); returns the exit code."""
+    if argv is None:
+        argv = sys.argv[1:]
+        sys.stdout.reconfigure(line_buffering=True)  # progress lines appear at once, also through a pipe
     # A cluster's preemption (SIGTERM) stops a run as cleanly as Ctrl-C does.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
@@ -1835,5 +1963,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.stdout.reconfigure(line_buffering=True)  # progress lines appear at once, also through a pipe
     sys.exit(main())

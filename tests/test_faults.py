@@ -39,7 +39,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, default_ru
     assert code == -signal.SIGKILL
     assert not (tmp_path / "results_seed_42.json").exists()
     checkpoint = torch.load(tmp_path / "checkpoint_seed_42_phase_aware.pt", weights_only=True)
-    assert checkpoint["next_epoch"] in (4, 5) and checkpoint["controller"]["phase"] == "S2_AXIS_LOCK"
+    assert checkpoint["next_epoch"] in (4, 5) and checkpoint["scheduler"]["controller"]["phase"] == "S2_AXIS_LOCK"
     result = cli(*RUN, "--output-dir", tmp_path, "--resume")
     assert result.returncode == 0, result.stderr
     assert "seed 42 phase_aware: resumed after epoch" in result.stdout

@@ -1,0 +1,247 @@
+"""PhaseScheduler on top of torch's schedulers, the relative slope, the README's own-loop example,
+the package and the live progress line."""
+
+import io
+import re
+import tomllib
+
+import pytest
+import torch
+from helpers import ROOT, run_main
+
+import phase_controller as pc
+
+# ----- a scripted loss curve that walks the controller through every phase -----
+
+# dL (window 3) first falls below -0.02 at epoch 2: (2.0 - 2.3) / 2 = -0.15. |dL| first drops below
+# 0.005 at epoch 7: (1.697 - 1.7) / 3 = -0.001. In S2 the eval losses 1.0, 1.0 give one improvement
+# (epoch 8) and one stale evaluation (epoch 9): S3 at epoch 9 with patience 1.
+LOSSES = [2.3, 2.2, 2.0, 1.8, 1.7, 1.699, 1.698, 1.697, 1.696, 1.695]
+# The multiplier in force during each epoch (what the phase after the epoch before recommends),
+# then after the last observation.
+EXPECTED = [1.0, 1.0, 1.0, 1.1, 1.1, 1.1, 1.1, 1.1, 0.5, 0.5]
+AFTER_LAST = 0.1
+BATCHES = 4
+EPOCHS = len(LOSSES)
+
+
+def two_groups():
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+    return torch.optim.SGD([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.02}], lr=0.1, momentum=0.9)
+
+
+SCHEDULERS = {
+    "LambdaLR": lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, [lambda s: 0.97**s, lambda s: 1 / (1 + s)]),
+    "MultiStepLR": lambda opt: torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[5, 13, 30], gamma=0.5),
+    "ExponentialLR": lambda opt: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.95),
+    "CosineAnnealingLR": lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=17, eta_min=0.001),
+    "OneCycleLR": lambda opt: torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=[0.1, 0.02], total_steps=EPOCHS * BATCHES
+    ),
+}
+
+
+def controller():
+    return pc.PhaseController(s3_patience=1)
+
+
+def step_through(scheduler, optimizer, epochs=range(EPOCHS)):
+    """Per batch: an optimizer step, then scheduler.step(); per epoch: observe. The LRs after each call."""
+    seen = []
+    for epoch in epochs:
+        for _ in range(BATCHES):
+            optimizer.step()
+            scheduler.step()
+            seen.append(scheduler.get_last_lr())
+        scheduler.observe(LOSSES[epoch], 1.0)
+        seen.append(scheduler.get_last_lr())
+    return seen
+
+
+def reference_lrs(make_base):
+    """The same scheduler on an untouched optimizer: the base LRs at the same points."""
+    optimizer = two_groups()
+    base = make_base(optimizer)
+    seen = []
+    for _ in range(EPOCHS):
+        for _ in range(BATCHES):
+            optimizer.step()
+            base.step()
+            seen.append([group["lr"] for group in optimizer.param_groups])
+        seen.append([group["lr"] for group in optimizer.param_groups])
+    return seen
+
+
+def expected_multipliers():
+    """Per recorded point: the batches of epoch e run at EXPECTED[e]; after observing epoch e,
+    the next epoch's multiplier applies."""
+    after = [*EXPECTED[1:], AFTER_LAST]
+    return [m for e in range(EPOCHS) for m in [EXPECTED[e]] * BATCHES + [after[e]]]
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_lrs_are_the_base_schedulers_own_times_the_multiplier(name):
+    optimizer = two_groups()
+    scheduler = pc.PhaseScheduler(optimizer, controller(), base=SCHEDULERS[name](optimizer))
+    assert scheduler.get_last_lr() == pytest.approx([0.1, 0.02] if name != "OneCycleLR" else [0.004, 0.0008])
+    seen = step_through(scheduler, optimizer)
+    for point, (lrs, ref, mult) in enumerate(
+        zip(seen, reference_lrs(SCHEDULERS[name]), expected_multipliers(), strict=True)
+    ):
+        assert lrs == pytest.approx([r * mult for r in ref], rel=1e-12), (point, lrs, ref, mult)
+    assert scheduler.controller.phase == "S3_POLISH" and scheduler.lr_mult == AFTER_LAST
+    assert scheduler.grad_accum == 2
+
+
+def test_without_a_base_the_lrs_at_construction_are_the_constant_base():
+    optimizer = two_groups()
+    scheduler = pc.PhaseScheduler(optimizer, controller())
+    seen = step_through(scheduler, optimizer)
+    assert seen == [pytest.approx([0.1 * m, 0.02 * m], rel=1e-12) for m in expected_multipliers()]
+
+
+def test_without_a_controller_the_multiplier_is_constant():
+    optimizer = two_groups()
+    scheduler = pc.PhaseScheduler(optimizer, base=torch.optim.lr_scheduler.ExponentialLR(optimizer, 0.5), lr_mult=1.5)
+    assert scheduler.get_last_lr() == pytest.approx([0.15, 0.03])
+    optimizer.step()
+    scheduler.step()
+    scheduler.step()
+    assert scheduler.get_last_lr() == pytest.approx([0.1 * 0.25 * 1.5, 0.02 * 0.25 * 1.5])
+
+
+def test_reduce_lr_on_plateau_as_the_base():
+    optimizer = two_groups()
+    base = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=0)
+    scheduler = pc.PhaseScheduler(optimizer, controller(), base=base)
+    for epoch in range(4):
+        scheduler.step(1.0)  # a flat metric: halved from the second call on
+        scheduler.observe(LOSSES[epoch])
+    # Base after four flat metrics: 0.1 * 0.5^3; the multiplier after epoch 3 is S1's.
+    assert scheduler.get_last_lr() == pytest.approx([0.1 * 0.125 * 1.1, 0.02 * 0.125 * 1.1])
+
+
+@pytest.mark.parametrize("name", ["MultiStepLR", "OneCycleLR", "CosineAnnealingLR"])
+def test_a_restored_scheduler_continues_exactly(name):
+    optimizer = two_groups()
+    scheduler = pc.PhaseScheduler(optimizer, controller(), base=SCHEDULERS[name](optimizer))
+    uninterrupted = step_through(scheduler, optimizer)
+
+    optimizer = two_groups()
+    scheduler = pc.PhaseScheduler(optimizer, controller(), base=SCHEDULERS[name](optimizer))
+    first = step_through(scheduler, optimizer, range(5))  # epoch 5: in S1, mid-schedule
+    saved = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    restored_optimizer = two_groups()
+    restored = pc.PhaseScheduler(restored_optimizer, controller(), base=SCHEDULERS[name](restored_optimizer))
+    restored_optimizer.load_state_dict(saved["optimizer"])
+    restored.load_state_dict(saved["scheduler"])
+    assert restored.get_last_lr() == first[-1] and restored.controller.phase == "S1_BOUNDARY"
+    rest = step_through(restored, restored_optimizer, range(5, EPOCHS))
+    assert first + rest == uninterrupted
+
+
+def test_state_dict_covers_base_controller_and_multiplier():
+    optimizer = two_groups()
+    scheduler = pc.PhaseScheduler(optimizer, controller(), base=SCHEDULERS["MultiStepLR"](optimizer))
+    step_through(scheduler, optimizer, range(4))
+    state = scheduler.state_dict()
+    assert state["lr_mult"] == 1.1 and state["grad_accum"] == 1
+    assert state["controller"]["phase"] == "S1_BOUNDARY" and state["base"]["last_epoch"] == 16
+    assert state["base_lrs"] == pytest.approx([0.025, 0.005])  # 0.1 and 0.02, halved at steps 5 and 13
+
+
+# ----- the relative slope -----
+
+
+def test_relative_slope_divides_by_the_latest_loss():
+    ctl = pc.PhaseController(slope="relative")
+    for loss in (1.0, 0.9, 0.8):
+        ctl.observe(loss)
+    # (0.8 - 1.0) / 2 = -0.1 per epoch; -0.1 / 0.8 = -0.125 of the loss per epoch.
+    assert ctl.dL == pytest.approx(-0.125)
+
+
+@pytest.mark.parametrize(
+    "slope, phases",
+    [
+        # At a loss of 0.1 an absolute slope of -0.01/epoch is above s1_threshold -0.02: no S1.
+        # Relative: -0.01 / 0.08 = -0.125, S1 at epoch 2; then (0.0798 - 0.1) / 3 / 0.0798 = -0.084,
+        # still falling ten times faster than s2_threshold: no S2.
+        ("absolute", ["S0_EXPLORE"] * 4),
+        ("relative", ["S0_EXPLORE", "S0_EXPLORE", "S1_BOUNDARY", "S1_BOUNDARY"]),
+    ],
+)
+def test_relative_slope_sees_a_small_loss_fall(slope, phases):
+    ctl = pc.PhaseController(slope=slope)
+    seen = [(ctl.observe(loss), ctl.phase)[1] for loss in (0.1, 0.09, 0.08, 0.0798)]
+    assert seen == phases
+
+
+def test_relative_slope_refuses_non_positive_losses():
+    with pytest.raises(ValueError, match="positive training losses"):
+        pc.PhaseController(slope="relative").observe(0.0)
+    with pytest.raises(ValueError, match="slope must be"):
+        pc.PhaseController(slope="percent")
+
+
+def test_replay_with_a_relative_slope(tmp_path):
+    path = tmp_path / "small.json"
+    path.write_text("[0.1, 0.09, 0.08, 0.0798]")
+    code, stdout, _ = run_main(["--replay", path, "--dl-mode", "relative", "--output-dir", tmp_path])
+    assert code == 0 and "transition epoch 2: S0_EXPLORE -> S1_BOUNDARY (dL -0.1250" in stdout
+    code, stdout, _ = run_main(["--replay", path, "--output-dir", tmp_path])
+    assert code == 0 and "transition" not in stdout
+
+
+# ----- the README's own-loop example, extracted and run -----
+
+
+def readme_example():
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Using `PhaseController` in your own loop", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_example_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(readme_example(), "README.md", "exec"), namespace)
+    scheduler, base = namespace["scheduler"], namespace["base"]
+    assert scheduler.get_last_lr() == pytest.approx([base.get_last_lr()[0] * scheduler.lr_mult], rel=1e-12)
+    assert scheduler.controller.phase != "S0_EXPLORE"  # it learned, and the controller saw it
+    restored = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert restored["scheduler"]["controller"]["phase"] == scheduler.controller.phase
+    assert capsys.readouterr().out.count("\n") == namespace["epochs"]
+
+
+# ----- the package -----
+
+
+def test_package_dependencies_are_the_requirements():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    lines = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    assert project["dependencies"] == [line for line in lines if line and not line.startswith("#")]
+    assert project["scripts"] == {"phase-controller": "phase_controller:main"}
+
+
+# ----- the live progress line -----
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_line_on_a_terminal():
+    batches = [(torch.zeros(4), torch.zeros(4)) for _ in range(3)]
+    terminal = Terminal()
+    assert list(pc.show_batches(iter(batches), 3, "seed 1 baseline", terminal)) == batches
+    text = terminal.getvalue()
+    assert "\rseed 1 baseline  batch 3/3  " in text and " img/s  ETA 0s" in text and "\n" not in text
+    assert text.endswith("\r\x1b[K")  # cleared for the epoch's own line
+
+
+def test_no_progress_line_in_a_pipe():
+    stream = io.StringIO()
+    batches = [(torch.zeros(4), torch.zeros(4)) for _ in range(3)]
+    assert list(pc.show_batches(iter(batches), 3, "x", stream)) == batches and stream.getvalue() == ""
