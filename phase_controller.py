@@ -621,7 +621,7 @@ class PhaseScheduler:
     that end in no optimizer step. The base schedule then advances with the data seen, whatever
     grad_accum the controller recommends, and ends where it would without accumulation; each
     optimizer step uses the LR in force at its last micro-batch. (Stepping only with the
-    optimizer would stretch the schedule by grad_accum and overrun OneCycleLR's total_steps.)
+    optimizer would stretch the schedule by grad_accum: it would not reach its end in time.)
     """
 
     def __init__(self, optimizer, controller=None, base=None, lr_mult=1.0):

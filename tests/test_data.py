@@ -142,6 +142,17 @@ def make_archive(tmp_path, per_batch=20):
     return archive, hashlib.md5(archive.read_bytes()).hexdigest()
 
 
+def data_dir_with_archive(tmp_path, monkeypatch=None):
+    """A --data-dir holding an archive; with monkeypatch, its MD5 stands in for the official one."""
+    archive, md5 = make_archive(tmp_path)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    archive.rename(data_dir / pc.CIFAR_ARCHIVE)
+    if monkeypatch is not None:
+        monkeypatch.setattr(pc, "CIFAR_ARCHIVE_MD5", md5)
+    return data_dir
+
+
 def hidden_leftovers(data_dir):
     return [p.name for p in Path(data_dir).iterdir() if p.name.startswith(".")]
 
@@ -153,21 +164,14 @@ def test_existing_folder_is_used_as_is(tmp_path, monkeypatch):
 
 
 def test_unpacks_an_archive_put_into_the_data_dir(tmp_path, monkeypatch):
-    archive, md5 = make_archive(tmp_path)
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    archive.rename(data_dir / pc.CIFAR_ARCHIVE)
-    monkeypatch.setattr(pc, "CIFAR_ARCHIVE_MD5", md5)
+    data_dir = data_dir_with_archive(tmp_path, monkeypatch)
     folder = pc.prepare_cifar10(data_dir)
     assert len(pc.read_cifar10(folder)[1]) == 100
     assert hidden_leftovers(data_dir) == []
 
 
 def test_archive_with_wrong_checksum_is_refused(tmp_path):
-    archive, _ = make_archive(tmp_path)
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    archive.rename(data_dir / pc.CIFAR_ARCHIVE)
+    data_dir = data_dir_with_archive(tmp_path)
     with pytest.raises(pc.UserError, match="MD5 differs from the official archive"):
         pc.prepare_cifar10(data_dir)
     assert not (data_dir / pc.CIFAR_FOLDER).exists() and hidden_leftovers(data_dir) == []
@@ -232,11 +236,7 @@ def test_corrupted_download_leaves_nothing(tmp_path, monkeypatch):
 def test_another_process_finishing_first_is_no_crash(tmp_path, monkeypatch):
     # Two processes unpack into the same --data-dir; the other one renames its folder into place
     # while this one is still unpacking. This one must then use that folder, not crash on its rename.
-    archive, md5 = make_archive(tmp_path)
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    archive.rename(data_dir / pc.CIFAR_ARCHIVE)
-    monkeypatch.setattr(pc, "CIFAR_ARCHIVE_MD5", md5)
+    data_dir = data_dir_with_archive(tmp_path, monkeypatch)
     extract = pc.extract_cifar_archive
 
     def extract_while_another_process_finishes(archive, dest):
