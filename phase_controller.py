@@ -12,8 +12,12 @@ machine, the data and the command that produced it.
 
 The file reads top to bottom in the order data flows:
     hyperparameters -> data (safe CIFAR-10 reading, synthetic task, splits) -> device-resident
-    loader -> network -> schedule and PhaseController -> training (one loop serves every arm)
-    -> statistics and summary -> figures -> replay -> command line
+    loader -> network -> schedule, PhaseController and PhaseScheduler -> training (one loop
+    serves every arm) -> statistics, summary and success criteria -> figures -> replay ->
+    command line
+
+PhaseController and PhaseScheduler lift into any PyTorch loop: see README.md, "Using
+PhaseController in your own loop".
 
     python phase_controller.py                  # seed 42, baseline vs phase-aware, 30 epochs
     python phase_controller.py --multi-seed     # seeds 42,137,2024 plus a paired summary
@@ -458,7 +462,7 @@ def build_model(width, seed, device):
 
 
 #############################################
-#      Base schedule and PhaseController    #
+# Schedule, PhaseController, PhaseScheduler #
 #############################################
 
 
