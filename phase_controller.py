@@ -1258,7 +1258,8 @@ def criterion_detail(name, c):
             return "S2 never entered"
         return f"S2 entered at epoch {c['s2_entered_at']}, its multipliers applied in {c['epochs_at_s2_multipliers']}"
     departs, detected = c["first_departure_epoch"], c["first_detection_epoch"]
-    return f"LR first departs at epoch {departs}, S1 detected at epoch {detected}".replace("epoch None", "no epoch")
+    departure = "LR never departs" if departs is None else f"LR first departs at epoch {departs}"
+    return departure + (", S1 never detected" if detected is None else f", S1 detected at epoch {detected}")
 
 
 def print_criteria(criteria, prefix=""):
