@@ -1794,11 +1794,13 @@ def check_resumable(seed, output_dir, config):
     checkpoints = sorted(output_dir.glob(f"checkpoint_seed_{seed}_*.pt"))
     for path in ([results] if results.exists() else []) + checkpoints:
         try:
-            saved = (
-                json.loads(path.read_text())["config"]
-                if path.suffix == ".json"
-                else torch.load(path, map_location="cpu", weights_only=True)["config"]
-            )
+            if path.suffix == ".json":
+                saved = json.loads(path.read_text())["config"]
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                if "scheduler" not in state:
+                    raise KeyError("no 'scheduler': written by an older version")
+                saved = state["config"]
         except Exception as e:
             raise UserError(
                 f"--resume: cannot read {path} ({type(e).__name__}: {e}); delete it to start that seed afresh"

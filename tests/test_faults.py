@@ -166,6 +166,19 @@ def test_without_resume_a_run_starts_afresh(tmp_path, monkeypatch):
     assert stdout.count("baseline    epoch") == 3
 
 
+def test_checkpoint_of_an_older_version_is_a_clear_error(tmp_path, monkeypatch):
+    interrupt_after(monkeypatch, 2)
+    assert run_main([*RUN, "--output-dir", tmp_path])[0] == 130
+    monkeypatch.undo()
+    path = tmp_path / "checkpoint_seed_42_baseline.pt"
+    state = torch.load(path, weights_only=True)
+    del state["scheduler"]  # as checkpoints were before PhaseScheduler
+    torch.save(state, path)
+    code, _, stderr = run_main([*RUN, "--output-dir", tmp_path, "--resume"])
+    assert code == 2 and stderr.count("\n") == 1
+    assert "written by an older version" in stderr and "delete it to start that seed afresh" in stderr
+
+
 def test_unreadable_checkpoint_on_resume_is_a_clear_error(tmp_path):
     (tmp_path / "checkpoint_seed_42_baseline.pt").write_bytes(b"truncated")
     code, _, stderr = run_main([*TINY, "--output-dir", tmp_path, "--resume"])
