@@ -635,15 +635,16 @@ class PhaseScheduler:
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]  # the base's own, unscaled
         self._apply()
 
-    def _apply(self):
+    def _apply(self, lr_mult=None):
+        """Each group's LR: its base LR times lr_mult (the current multiplier when None)."""
+        lr_mult = self.lr_mult if lr_mult is None else lr_mult
         for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
-            group["lr"] = base_lr * self.lr_mult
+            group["lr"] = base_lr * lr_mult
 
     def step(self, *args, **kwargs):
         """Advance the base scheduler (arguments pass through, e.g. ReduceLROnPlateau's metric)."""
         if self.base is not None:
-            for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
-                group["lr"] = base_lr
+            self._apply(1.0)  # the base steps from its own, unscaled LRs
             self.base.step(*args, **kwargs)
             self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self._apply()
@@ -1227,20 +1228,21 @@ def success_criteria(results, vs_baseline):
     stats = vs_baseline[CRITERIA_METRIC]
     pairs, mean = (stats["total"], stats["mean"]) if stats else (0, None)
     positive = stats["positive"] if stats else 0
-    visible = {str(s): s2_visible(r[PHASE_AWARE]) for s, r in results.items()}
-    departs = {str(s): lr_departs_after_detection(r) for s, r in results.items()}
     return {
         "positive_mean_delta": {"met": mean is not None and mean > 0, "metric": CRITERIA_METRIC,
                                 "mean_delta": mean, "pairs": pairs},
         "majority_of_seeds_positive": {"met": positive > pairs / 2 if pairs else False, "positive": positive,
                                        "pairs": pairs},
-        "s1_to_s2_visible": {"met": all(v["met"] for v in visible.values()),
-                             "seeds_met": sum(v["met"] for v in visible.values()), "seeds": len(visible),
-                             "per_seed": visible},
-        "lr_departs_only_after_detection": {"met": all(v["met"] for v in departs.values()),
-                                            "seeds_met": sum(v["met"] for v in departs.values()),
-                                            "seeds": len(departs), "per_seed": departs},
+        "s1_to_s2_visible": in_every_seed(results, lambda r: s2_visible(r[PHASE_AWARE])),
+        "lr_departs_only_after_detection": in_every_seed(results, lr_departs_after_detection),
     }  # fmt: skip
+
+
+def in_every_seed(results, check):
+    """A per-seed criterion over all seeds: met when every seed meets it."""
+    per_seed = {str(s): check(r) for s, r in results.items()}
+    met = [c["met"] for c in per_seed.values()]
+    return {"met": all(met), "seeds_met": sum(met), "seeds": len(met), "per_seed": per_seed}
 
 
 def criterion_detail(name, c):
