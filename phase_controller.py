@@ -41,7 +41,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -53,9 +53,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-# cuBLAS is deterministic only with this workspace setting, and it must be set before CUDA
-# starts; CUDA starts lazily, so setting it at import time is early enough.
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+try:
+    import fcntl  # seed locks; absent on Windows
+except ImportError:
+    fcntl = None
 
 #############################################
 #              Hyperparameters              #
@@ -136,6 +137,27 @@ def write_json(path, obj):
             f.write("\n")
 
     write_atomically(path, write)
+
+
+@contextmanager
+def new_folders_removed_on_failure(path, flag):
+    """mkdir -p path; if the block then fails, remove again the (empty) folders this made, so a
+    start that fails leaves nothing behind."""
+    path = Path(path)
+    made = [folder for folder in (path, *path.parents) if not folder.exists()]  # deepest first
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag} {path} cannot be created ({e.strerror or e})") from None
+    try:
+        yield path
+    except BaseException:
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
 
 
 #############################################
@@ -254,10 +276,11 @@ def prepare_cifar10(data_dir):
         f"put the official {CIFAR_ARCHIVE} into {data_dir}/ (or unpack it there as "
         f"{folder}/), or point --data-dir at the folder that holds {CIFAR_FOLDER}/"
     )
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create --data-dir {data_dir} ({e.strerror})") from None
+    with new_folders_removed_on_failure(data_dir, "--data-dir"):
+        return unpack_or_download_cifar10(data_dir, folder, how_to_fix)
+
+
+def unpack_or_download_cifar10(data_dir, folder, how_to_fix):
     archive = data_dir / CIFAR_ARCHIVE
     with tempfile.TemporaryDirectory(dir=data_dir, prefix=".cifar10-unpacking-") as tmp:
         if archive.exists():
@@ -394,7 +417,10 @@ class DeviceSplit:
         return x.contiguous(memory_format=self.memory_format)
 
     def train_batches(self, batch_size, seed, epoch):
-        """Shuffled, augmented batches; the last one may be smaller (nothing is dropped)."""
+        """Shuffled, augmented batches; the last one may be smaller (nothing is dropped).
+
+        The whole epoch is shuffled, cropped and flipped at once, so a batch costs one slice and
+        its normalization, not a dozen small kernels."""
         n, g = len(self), epoch_generator(seed, epoch)
         # Drawn on the CPU so that batches are the same on every device type.
         order = torch.randperm(n, generator=g)
@@ -402,12 +428,9 @@ class DeviceSplit:
         flips = torch.rand(n, generator=g) < 0.5
         device = self.images.device
         order, shifts, flips = order.to(device), shifts.to(device), flips.to(device)
+        images, labels = crop_and_flip(self.images[order], shifts, flips), self.labels[order]
         for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            images = crop_and_flip(
-                self.images[idx], shifts[start : start + batch_size], flips[start : start + batch_size]
-            )
-            yield self.normalize(images), self.labels[idx]
+            yield self.normalize(images[start : start + batch_size]), labels[start : start + batch_size]
 
     def eval_batches(self, batch_size):
         for start in range(0, len(self), batch_size):
@@ -498,6 +521,16 @@ def loss_slope(losses, window=DL_WINDOW, mode=DL_MODE):
     return slope / losses[-1] if mode == "relative" else slope
 
 
+def require_number(name, value):
+    """value as a float: a Python, numpy or one-element torch number, never a bool or a string."""
+    if not isinstance(value, bool | np.bool_ | str | bytes | None):
+        try:
+            return float(value)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    raise TypeError(f"{name} must be a number, got {value!r}")
+
+
 class Recommendation(NamedTuple):
     lr_mult: float  # multiplies the base schedule's LR; never compounds
     grad_accum: int  # micro-batches per optimizer step
@@ -535,6 +568,8 @@ class PhaseController:
     ):
         if slope not in ("absolute", "relative"):
             raise ValueError(f"slope must be 'absolute' or 'relative', got {slope!r}")
+        for name, value in (("s1_threshold", s1_threshold), ("s2_threshold", s2_threshold), ("lr_pulse", lr_pulse)):
+            require_number(name, value)
         if not math.isfinite(s1_threshold):
             raise ValueError(f"s1_threshold must be finite, got {s1_threshold}")
         if not s2_threshold >= 0 or not math.isfinite(s2_threshold):
@@ -542,7 +577,7 @@ class PhaseController:
         if not lr_pulse > 0 or not math.isfinite(lr_pulse):
             raise ValueError(f"lr_pulse must be > 0, got {lr_pulse}")
         for name, value in (("grad_accum", grad_accum), ("s3_patience", s3_patience), ("window", window)):
-            if int(value) != value or value < 1:
+            if require_number(name, value) != value or int(value) != value or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value}")
         self.s1_threshold = float(s1_threshold)
         self.s2_threshold = float(s2_threshold)
@@ -559,6 +594,10 @@ class PhaseController:
         self.transitions = []  # human-readable, one line per transition
         self.transition_epochs = {}  # {"S1": epoch, ...}, the 0-based epoch that caused it
 
+    def __repr__(self):
+        settings = ", ".join(f"{k}={getattr(self, k)!r}" for k in CONTROLLER_SETTINGS)
+        return f"PhaseController(phase={self.phase}, dL={self.dL:+.5f}, epochs_seen={len(self.losses)}, {settings})"
+
     def recommendation(self):
         """What the current phase asks of the next epoch, from PHASE_ACTIONS."""
         lr_mult, grad_accum = (
@@ -568,9 +607,10 @@ class PhaseController:
 
     def observe(self, train_loss, eval_loss=None):
         """Take one epoch's mean training loss (and eval loss); return the next epoch's Recommendation."""
+        train_loss = require_number("train_loss", train_loss)
         if not math.isfinite(train_loss):
             raise ValueError(f"train_loss must be finite, got {train_loss}")
-        if eval_loss is not None and not math.isfinite(eval_loss):
+        if eval_loss is not None and not math.isfinite(require_number("eval_loss", eval_loss)):
             raise ValueError(f"eval_loss must be finite or None, got {eval_loss}")
         if self.slope == "relative" and not train_loss > 0:
             raise ValueError(f"a relative slope needs positive training losses, got {train_loss}")
@@ -605,7 +645,7 @@ class PhaseController:
         self.__dict__.update(copy.deepcopy(state_dict))
 
 
-class PhaseScheduler:
+class PhaseScheduler(torch.optim.lr_scheduler.LRScheduler):
     """A PhaseController's LR multiplier on top of any torch LR scheduler, never compounding.
 
         scheduler = PhaseScheduler(optimizer, PhaseController(), base=OneCycleLR(optimizer, ...))
@@ -619,7 +659,13 @@ class PhaseScheduler:
     times the current multiplier: before each base step the unscaled LRs are put back, so
     recursive schedulers (MultiStepLR, ExponentialLR) compute from their own values and
     closed-form ones (LambdaLR, OneCycleLR) are not overwritten. base=None keeps the optimizer's
-    LRs at construction as a constant base. Without a controller the multiplier stays lr_mult.
+    LRs at construction as a constant base. Without a controller the multiplier stays lr_mult and
+    observe() returns that fixed Recommendation(lr_mult, 1).
+
+    It is a torch LRScheduler, so frameworks that check for one (PyTorch Lightning) accept it, and
+    the inherited names keep torch's meaning: base_lrs are the LRs at construction (initial_lr),
+    last_epoch counts step() calls, get_last_lr() the LRs applied now. Constructing it sets the
+    multiplier on the optimizer's LRs and steps nothing, unlike torch's own schedulers.
 
     Accumulation: with a per-batch base schedule, call step() after every micro-batch, also those
     that end in no optimizer step. The base schedule then advances with the data seen, whatever
@@ -629,36 +675,64 @@ class PhaseScheduler:
     """
 
     def __init__(self, optimizer, controller=None, base=None, lr_mult=1.0):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if controller is not None and not isinstance(controller, PhaseController):
+            raise TypeError(f"controller must be a PhaseController or None, got {type(controller).__name__}")
+        if base is not None and not callable(getattr(base, "step", None)):
+            raise TypeError(f"base must be a torch LR scheduler (with step()) or None, got {type(base).__name__}")
+        if controller is None and not (require_number("lr_mult", lr_mult) > 0 and math.isfinite(lr_mult)):
+            raise ValueError(f"lr_mult must be > 0, got {lr_mult}")
+        # Not LRScheduler.__init__: it would take a step at construction.
         self.optimizer, self.controller, self.base = optimizer, controller, base
-        recommendation = controller.recommendation() if controller is not None else Recommendation(lr_mult, 1)
-        self.lr_mult, self.grad_accum = recommendation
-        self.base_lrs = [group["lr"] for group in optimizer.param_groups]  # the base's own, unscaled
+        self.base_lrs = [group.setdefault("initial_lr", group["lr"]) for group in optimizer.param_groups]
+        self.last_epoch, self._step_count = 0, 1  # as torch's schedulers leave them after construction
+        self.fixed = Recommendation(float(lr_mult), 1)  # what observe() returns without a controller
+        self.lr_mult, self.grad_accum = controller.recommendation() if controller is not None else self.fixed
+        self.unscaled_lrs = [group["lr"] for group in optimizer.param_groups]  # the base scheduler's own
         self._apply()
 
+    def __repr__(self):
+        base = "constant" if self.base is None else type(self.base).__name__
+        phase = None if self.controller is None else self.controller.phase
+        return (
+            f"PhaseScheduler(phase={phase}, lr_mult={self.lr_mult}, grad_accum={self.grad_accum}, "
+            f"last_lr={self.get_last_lr()}, base={base}, controller={self.controller!r})"
+        )
+
     def _apply(self, lr_mult=None):
-        """Each group's LR: its base LR times lr_mult (the current multiplier when None)."""
+        """Each group's LR: its unscaled LR times lr_mult (the current multiplier when None)."""
         lr_mult = self.lr_mult if lr_mult is None else lr_mult
-        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
-            group["lr"] = base_lr * lr_mult
+        for group, unscaled in zip(self.optimizer.param_groups, self.unscaled_lrs, strict=True):
+            group["lr"] = unscaled * lr_mult
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def step(self, *args, **kwargs):
         """Advance the base scheduler (arguments pass through, e.g. ReduceLROnPlateau's metric)."""
         if self.base is not None:
             self._apply(1.0)  # the base steps from its own, unscaled LRs
             self.base.step(*args, **kwargs)
-            self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
+            self.unscaled_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self.last_epoch += 1
+        self._step_count += 1
         self._apply()
 
     def observe(self, train_loss, eval_loss=None):
         """One epoch's losses to the controller; its multiplier applies from the next optimizer step."""
+        if self.controller is None:
+            return self.fixed
         recommendation = self.controller.observe(train_loss, eval_loss)
         self.lr_mult, self.grad_accum = recommendation
         self._apply()
         return recommendation
 
+    def get_lr(self):
+        """The LRs in force: the base's unscaled LRs times the current multiplier."""
+        return [unscaled * self.lr_mult for unscaled in self.unscaled_lrs]
+
     def get_last_lr(self):
         """The LRs applied now, one per param group (the base's times the multiplier)."""
-        return [group["lr"] for group in self.optimizer.param_groups]
+        return list(self._last_lr)
 
     def state_dict(self):
         return {
@@ -666,7 +740,9 @@ class PhaseScheduler:
             "controller": None if self.controller is None else self.controller.state_dict(),
             "lr_mult": self.lr_mult,
             "grad_accum": self.grad_accum,
+            "unscaled_lrs": list(self.unscaled_lrs),
             "base_lrs": list(self.base_lrs),
+            "last_epoch": self.last_epoch,
         }
 
     def load_state_dict(self, state_dict):
@@ -675,7 +751,13 @@ class PhaseScheduler:
         if self.controller is not None:
             self.controller.load_state_dict(state_dict["controller"])
         self.lr_mult, self.grad_accum = state_dict["lr_mult"], state_dict["grad_accum"]
-        self.base_lrs = list(state_dict["base_lrs"])
+        if "unscaled_lrs" in state_dict:
+            self.unscaled_lrs = list(state_dict["unscaled_lrs"])
+            self.base_lrs, self.last_epoch = list(state_dict["base_lrs"]), state_dict["last_epoch"]
+        else:  # saved before this was an LRScheduler: "base_lrs" held the unscaled LRs
+            self.unscaled_lrs = list(state_dict["base_lrs"])
+            self.last_epoch = self.base.last_epoch if self.base is not None else 0
+        self._step_count = self.last_epoch + 1
         self._apply()
 
 
@@ -723,40 +805,40 @@ def seed_everything(seed):
 
 
 def train_epoch(model, optimizer, batches, grad_accum, autocast):
-    """One pass over batches; returns (mean per-sample loss, accuracy %), read from the device once.
+    """One pass over batches; returns (mean per-sample loss, accuracy %, optimizer steps), the sums
+    read from the device once.
 
     With accumulation k the optimizer steps after every k micro-batches and after the last one of
-    the epoch. Every step uses the per-sample mean gradient over exactly the samples of its window:
-    micro-batch losses are summed over samples and the window's gradient is divided by its sample
-    count before the step. So a short last window (391 batches with k=2) steps at full strength,
-    and micro-batches of unequal size weigh by their size.
+    the epoch, so B micro-batches take ceil(B/k) steps. Every step uses the per-sample mean gradient
+    over exactly the samples of its window: micro-batch losses are summed over samples and the
+    window's gradient is divided by its sample count before the step. So a short last window (391
+    batches with k=2) steps at full strength, and micro-batches of unequal size weigh by their size.
     """
     model.train()
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    loss_sum, correct, seen, window, window_samples = 0.0, 0, 0, 0, 0
+    loss_sum, correct, seen, steps, in_window, window_samples = 0.0, 0, 0, 0, 0, 0
     for images, labels in batches:
         with autocast:
             logits = model(images)
             loss = F.cross_entropy(logits, labels, reduction="sum")
         loss.backward()
-        window, window_samples = window + 1, window_samples + len(labels)
-        if window == grad_accum:
+        in_window, window_samples = in_window + 1, window_samples + len(labels)
+        if in_window == grad_accum:
             step_on_window_mean(optimizer, params, window_samples)
-            window, window_samples = 0, 0
+            steps, in_window, window_samples = steps + 1, 0, 0
         # Device-side running sums: no host sync per step.
         loss_sum = loss_sum + loss.detach().float()
         correct = correct + (logits.argmax(1) == labels).sum()
         seen += len(labels)
-    if window:
+    if in_window:
         step_on_window_mean(optimizer, params, window_samples)
-    return float(loss_sum) / seen, 100.0 * float(correct) / seen
+        steps += 1
+    return float(loss_sum) / seen, 100.0 * float(correct) / seen, steps
 
 
 def step_on_window_mean(optimizer, params, samples):
     """Turn the summed gradient of a window into its per-sample mean, step, and clear it."""
-    for p in params:
-        if p.grad is not None:
-            p.grad.div_(samples)
+    torch._foreach_div_([p.grad for p in params if p.grad is not None], samples)  # one launch, not one per tensor
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -818,7 +900,7 @@ METRICS = ("best_acc", "final_acc")
 
 
 def new_arm(controller, lr_mult):
-    keys = ["train_loss", "train_acc", "eval_loss", "eval_acc", "lr", "train_seconds", "eval_seconds"]
+    keys = ["train_loss", "train_acc", "eval_loss", "eval_acc", "lr", "steps", "train_seconds", "eval_seconds"]
     arm = {"status": "ok", "time_seconds": 0.0}
     if controller is None:
         arm["lr_mult"] = lr_mult
@@ -889,7 +971,7 @@ def train_and_evaluate(run, model, optimizer, label, epoch, grad_accum):
     total = math.ceil(len(run.train) / batch_size)
     batches = show_batches(batches, total, f"{label} epoch {epoch + 1:>3}/{run.config['epochs']}")
     row = {}
-    row["train_loss"], row["train_acc"] = train_epoch(model, optimizer, batches, grad_accum, run.autocast)
+    row["train_loss"], row["train_acc"], row["steps"] = train_epoch(model, optimizer, batches, grad_accum, run.autocast)
     t1 = time.perf_counter()
     if math.isfinite(row["train_loss"]):  # a diverged model is not worth evaluating
         row["eval_loss"], row["eval_acc"] = evaluate(model, run.test, run.autocast)
@@ -931,7 +1013,11 @@ def restore_arm(run, name, model, optimizer, scheduler):
     scheduler.load_state_dict(state["scheduler"])
     run.progress.skip(state["next_epoch"])
     print(f"seed {run.seed} {name}: resumed after epoch {state['next_epoch'] - 1}")
-    return state["arm"], state["next_epoch"]
+    arm, log = state["arm"], state["arm"]["per_epoch"]
+    if "steps" not in log:  # a checkpoint from before steps were recorded: the steps the loop took
+        batches = math.ceil(len(run.train) / run.config["batch_size"])
+        log["steps"] = [math.ceil(batches / k) for k in log.get("grad_accum", [1] * len(log["train_loss"]))]
+    return arm, state["next_epoch"]
 
 
 def save_checkpoint(run, name, model, optimizer, scheduler, arm, next_epoch):
@@ -976,15 +1062,17 @@ def log_epoch(run, name, epoch, row, eta):
 def matched_lr_mult(phase_arm, config):
     """The control's constant c, matched on the total first-order update (LR x optimizer steps).
 
-    Over the epochs the phase arm completed, with base LR b_e, applied multiplier m_e and
-    accumulation k_e (k_e micro-batches per step leave 1/k_e of the steps):
-        c = sum_e m_e * b_e / k_e  /  sum_e b_e
-    so the control, at accumulation 1, moves its weights as far in total as the phase arm did.
-    The plain mean of m_e ignores that epochs carry very different base LRs and step counts.
+    Over the epochs the phase arm completed, with base LR b_e, applied multiplier m_e and s_e
+    optimizer steps actually taken (ceil(B/k_e) for B micro-batches at accumulation k_e: a short
+    last window still steps), against the B steps per epoch of the control at accumulation 1:
+        c = sum_e m_e * b_e * s_e / B  /  sum_e b_e
+    so the control moves its weights as far in total as the phase arm did. The plain mean of m_e
+    ignores that epochs carry very different base LRs and step counts.
     """
     log = phase_arm["per_epoch"]
+    batches = math.ceil(config["train_size"] / config["batch_size"])
     base = [base_lr_at(e, config["base_lr"], config["warmup_epochs"], config["epochs"]) for e in range(len(log["lr"]))]
-    update = sum(m * b / k for m, b, k in zip(log["lr_mult"], base, log["grad_accum"], strict=True))
+    update = sum(m * b * (s / batches) for m, b, s in zip(log["lr_mult"], base, log["steps"], strict=True))
     return update / sum(base)
 
 
@@ -1448,8 +1536,11 @@ class LossLog(NamedTuple):
 
 def read_loss_log(path):
     """A LossLog from a results_seed_N.json, a JSON list of training losses, or a CSV with a
-    train_loss column and an optional eval_loss column (as spreadsheets export them too)."""
+    train_loss column and an optional eval_loss column (as spreadsheets export them too). The
+    suffix decides: .csv is read as CSV, anything else as JSON."""
     path = Path(path)
+    as_csv = path.suffix.lower() == ".csv"
+    how = "read as CSV because of its .csv suffix" if as_csv else "read as JSON because its suffix is not .csv"
     try:
         text = path.read_bytes().decode("utf-8-sig")  # -sig: drops a spreadsheet's byte-order mark
     except OSError as e:
@@ -1459,24 +1550,36 @@ def read_loss_log(path):
     try:
         if not text.strip():
             raise ValueError("the file is empty")
-        if path.suffix.lower() == ".csv":
+        if as_csv:
             log = read_csv_losses(text)
         else:
-            log = read_json_losses(json.loads(text))
+            try:
+                data = json.loads(text)
+            except ValueError as e:
+                raise ValueError(f"{how}, but it is not JSON ({e}); for a CSV, name it .csv") from None
+            log = read_json_losses(data)
         values = log.train + [e for e in log.eval or [] if e is not None]
-        if not all(isinstance(v, int | float) and math.isfinite(v) for v in values):
-            raise ValueError("losses must be finite numbers")
+        if not all(is_number(v) and math.isfinite(v) for v in values):
+            raise ValueError(f"{how}: losses must be finite numbers")
     except ValueError as e:
         raise UserError(f"--replay {path}: {e}") from None
     return log
 
 
+def is_number(value):
+    """An int or float; JSON's true and false are not losses."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def read_csv_losses(text):
     """Names and values may carry spaces and quotes; an empty eval_loss cell means no evaluation."""
     rows = [[cell.strip() for cell in row] for row in csv.reader(text.splitlines()) if any(c.strip() for c in row)]
+    if not rows or "train_loss" not in rows[0]:
+        found = ", ".join(rows[0]) if rows else "only separators"
+        raise ValueError(
+            f"read as CSV because of its .csv suffix: needs a train_loss column in its header, found {found}"
+        )
     header, rows = rows[0], rows[1:]
-    if "train_loss" not in header:
-        raise ValueError(f"needs a header with a train_loss column, found {', '.join(header)}")
     if not rows:
         raise ValueError("no rows under the header")
 
@@ -1497,15 +1600,18 @@ def read_csv_losses(text):
 
 
 def read_json_losses(data):
-    if isinstance(data, list) and data and all(isinstance(v, int | float) and not isinstance(v, bool) for v in data):
+    if isinstance(data, list):
+        if not data:
+            raise ValueError("no losses in it")
+        wrong = next((i for i, v in enumerate(data) if not is_number(v)), None)
+        if wrong is not None:
+            raise ValueError(f"item {wrong} of the list is {json.dumps(data[wrong])}, not a number")
         return LossLog([float(v) for v in data], None, None, None)
-    if isinstance(data, list) and not data:
-        raise ValueError("no losses in it")
     if not (isinstance(data, dict) and isinstance(data.get(PHASE_AWARE), dict) and "config" in data):
         raise ValueError("expected a results_seed_N.json file or a JSON list of numbers")
     try:  # a results file: the phase arm's view of the run
         log = data[PHASE_AWARE]["per_epoch"]
-        train, phases = [float(v) for v in log["train_loss"]], log["phase"]
+        train, phases = list(log["train_loss"]), log["phase"]
         eval_losses = log.get("val_loss", log["eval_loss"])  # what the controller saw
     except (KeyError, TypeError) as e:
         raise ValueError(f"a results file without the phase arm's per-epoch {e}") from None
@@ -1517,8 +1623,14 @@ def read_json_losses(data):
 
 
 def replay(args):
+    check_output_dir(args.output_dir)
     log, cfg = read_loss_log(args.replay), vars(args)
     controller = controller_from_config(cfg)
+    at = next((e for e, loss in enumerate(log.train) if loss <= 0), None)
+    if cfg["dl_mode"] == "relative" and at is not None:
+        raise UserError(
+            f"--replay {args.replay}: --dl-mode relative needs positive losses; epoch {at} has {log.train[at]}"
+        )
     print(f"replaying {len(log.train)} epochs of {args.replay}")
     print("epoch  train_loss  eval_loss        dL  phase          next lr_mult  next accum")
     rows = []
@@ -1559,6 +1671,7 @@ def replay(args):
         "transitions": controller.transitions,
         "transition_epochs": controller.transition_epochs,
     }
+    make_output_dir(out)
     write_json(out / f"replay_{stem}.json", replay_result)
     plot_replay(rows, controller, out / f"replay_{stem}.png", title=str(args.replay))
     print(f"wrote {out / f'replay_{stem}.json'} and {out / f'replay_{stem}.png'}")
@@ -1608,13 +1721,14 @@ def build_parser():
     p = OneLineParser(
         prog="phase_controller.py",
         description="Phase-aware LR control on CIFAR-10: baseline vs phase-aware arms, paired per seed.",
+        allow_abbrev=False,  # an abbreviation is a silent trap: --lr would mean --lr-pulse
     )
     run = p.add_argument_group("run")
-    run.add_argument("--seed", type=int, default=SEED, help="seed of a single run (default %(default)s)")
+    run.add_argument("--seed", type=int, help=f"seed of a single run (default {SEED})")
     run.add_argument(
         "--multi-seed", action="store_true", help="run every seed of --seeds and write multi_seed_summary.{json,png}"
     )
-    run.add_argument("--seeds", default=SEEDS, help="comma-separated seeds for --multi-seed (default %(default)s)")
+    run.add_argument("--seeds", help=f"comma-separated seeds; implies --multi-seed (default {SEEDS})")
     run.add_argument("--epochs", type=int, default=EPOCHS, help="epochs per arm (default %(default)s)")
     run.add_argument(
         "--device", choices=("auto", "cuda", "mps", "cpu"), default="auto", help="auto: cuda, then mps, then cpu"
@@ -1637,7 +1751,8 @@ def build_parser():
         "--control",
         choices=("none", "lr-matched"),
         default="none",
-        help="lr-matched: a third arm at the phase arm's mean LR multiplier",
+        help="lr-matched: a third arm, accumulation 1, at one constant LR multiplier that matches the phase arm's "
+        "total update (sum of LR x optimizer steps)",
     )
     data = p.add_argument_group("data")
     data.add_argument(
@@ -1665,7 +1780,7 @@ def build_parser():
         "--base-lr", type=float, default=BASE_LR, help="peak of the shared schedule (default %(default)s)"
     )
     model.add_argument(
-        "--warmup-epochs", type=int, default=WARMUP_EPOCHS, help="linear warmup epochs (default %(default)s)"
+        "--warmup-epochs", type=int, help=f"linear warmup epochs (default {WARMUP_EPOCHS}, at most --epochs - 1)"
     )
     ctl = p.add_argument_group("phase controller")
     ctl.add_argument(
@@ -1716,12 +1831,20 @@ def parse_seeds(text):
 
 
 def check_args(args):
-    """Every argument rule, before anything is written."""
+    """Every argument rule, before anything is written; resolves the defaults that depend on others."""
+    if args.seed is not None and (args.multi_seed or args.seeds is not None):
+        raise UserError("--seed runs one seed, --multi-seed/--seeds several: pass one or the other")
+    args.multi_seed = args.multi_seed or args.seeds is not None
+    args.seed = SEED if args.seed is None else args.seed
+    args.seeds = SEEDS if args.seeds is None else args.seeds
+    if args.warmup_epochs is None:  # short smoke runs keep at least one epoch after the warmup
+        args.warmup_epochs = min(WARMUP_EPOCHS, max(args.epochs - 1, 0))
     rules = [
         (args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}"),
         (
             0 <= args.warmup_epochs < args.epochs,
-            f"--warmup-epochs must be >= 0 and < --epochs ({args.epochs}), got {args.warmup_epochs}",
+            f"--warmup-epochs must be >= 0 and < --epochs ({args.epochs}), got {args.warmup_epochs}: "
+            f"pass --warmup-epochs {max(args.epochs - 1, 0)} or less",
         ),
         (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
         (args.width >= 1, f"--width must be >= 1, got {args.width}"),
@@ -1759,14 +1882,57 @@ def pick_device(name, local_rank=0):
 
 
 def check_output_dir(path):
+    """Refuse an --output-dir that cannot be created or written, creating nothing yet."""
     path = Path(path)
+    existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--output-dir {path} cannot be created or written ({existing} is not a writable folder)")
+    return path
+
+
+def make_output_dir(path):
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-")
-        probe.close()
     except OSError as e:
-        raise UserError(f"--output-dir {path} cannot be created or written ({e.strerror or e})") from None
+        raise UserError(f"--output-dir {path} cannot be created ({e.strerror or e})") from None
     return path
+
+
+@contextmanager
+def seed_lock(output_dir, seed):
+    """Hold the seed's lock in output_dir for the block, or refuse in one line.
+
+    One seed, one process: a second launch, or a --resume while the first still trains, would
+    interleave checkpoints. The lock is the kernel's (flock), so a killed process never leaves a
+    lock behind; the file itself only names the holder, and is removed when the block ends.
+    """
+    if fcntl is None:  # no flock on this platform (Windows): the user keeps seeds apart
+        yield
+        return
+    path = output_dir / f".lock_seed_{seed}"
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise UserError(
+                f"seed {seed} is being trained in {output_dir} by {holder}; wait for it, or stop it and "
+                "continue with --resume"
+            ) from None
+        if path.exists() and os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+            break
+        handle.close()  # its holder finished and removed the file while we waited for it: take the new one
+    try:
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still held, so no one locks a removed file
+        handle.close()
 
 
 def run_config(args, seed, device, precision, data, train_size):
@@ -1864,6 +2030,10 @@ def distributed_env():
 
 
 def run_training(args):
+    # cuBLAS is deterministic only with this workspace setting, set before CUDA starts (lazily, at
+    # the first CUDA tensor). Set here, by the command line, not on import: a library leaves its
+    # user's environment alone.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     rank, world, local_rank = distributed_env()
     device = pick_device(args.device, local_rank)
     if args.bf16 == "on" and device.type == "mps":
@@ -1881,33 +2051,14 @@ def run_training(args):
     my_seeds = args.seed_list[rank::world]
     arms = 3 if args.control == "lr-matched" else 2
     progress = Progress(len(my_seeds) * arms * args.epochs)
-    # Fail fast: data, splits and resumability of every seed are checked before the first epoch.
-    plans = {}
-    for seed in my_seeds:
-        plan = plan_seed(args, seed, device, precision)
-        if args.resume and check_resumable(seed, output_dir, plan.config):
-            finish_skipped_seed(seed, output_dir)
-            progress.skip(arms * args.epochs)
-            continue
-        # Temp files a killed process left behind; a seed belongs to one process only, so this is safe.
-        stale = list(output_dir.glob(f".*_seed_{seed}[._]*.tmp-*"))
-        if not args.resume:
-            stale += output_dir.glob(f"checkpoint_seed_{seed}_*.pt")
-        for path in stale:
-            path.unlink()
-        plans[seed] = plan
-    where = f", rank {rank} of {world}" if world > 1 else ""
-    print(
-        f"{describe_data(vars(args))}: {len(plans)} seed(s) to train on {device}"
-        f" ({precision}, {arms} arms, {args.epochs} epochs{where})"
-    )
-    if not args.val_size:
-        print("note: without --val-size the test split drives the controller and best-epoch selection")
-    diverged = []
-    for seed, plan in plans.items():
-        results = run_seed(start_seed_run(args, seed, plan, device, output_dir, progress))
-        diverged += [f"seed {seed} {arm} at epoch {results[arm]['diverged_epoch']}" for arm in ARMS
-                     if arm in results and results[arm]["status"] == "diverged"]  # fmt: skip
+    # Fail fast: data, splits and resumability of every seed are checked before anything is written.
+    plans = {seed: plan_seed(args, seed, device, precision) for seed in my_seeds}
+    finished = {seed for seed, plan in plans.items() if args.resume and check_resumable(seed, output_dir, plan.config)}
+    make_output_dir(output_dir)
+    with ExitStack() as locks:
+        for seed in my_seeds:
+            locks.enter_context(seed_lock(output_dir, seed))
+        diverged = train_seeds(args, plans, finished, device, precision, output_dir, progress)
     if world > 1:  # every rank learns every rank's divergences, so all agree on the exit code
         gathered = [None] * world
         dist.all_gather_object(gathered, diverged)
@@ -1927,6 +2078,36 @@ def run_training(args):
         )
         return 1
     return 0
+
+
+def train_seeds(args, plans, finished, device, precision, output_dir, progress):
+    """This process's seeds, their locks held; returns one line per diverged arm."""
+    arms = 3 if args.control == "lr-matched" else 2
+    for seed in finished:
+        finish_skipped_seed(seed, output_dir)
+        progress.skip(arms * args.epochs)
+    todo = {seed: plan for seed, plan in plans.items() if seed not in finished}
+    for seed in todo:
+        # Temp files a killed process left behind; the seed's lock makes this safe.
+        stale = list(output_dir.glob(f".*_seed_{seed}[._]*.tmp-*"))
+        if not args.resume:
+            stale += output_dir.glob(f"checkpoint_seed_{seed}_*.pt")
+        for path in stale:
+            path.unlink()
+    rank, world, _ = distributed_env()
+    where = f", rank {rank} of {world}" if world > 1 else ""
+    print(
+        f"{describe_data(vars(args))}: {len(todo)} seed(s) to train on {device}"
+        f" ({precision}, {arms} arms, {args.epochs} epochs{where})"
+    )
+    if not args.val_size:
+        print("note: without --val-size the test split drives the controller and best-epoch selection")
+    diverged = []
+    for seed, plan in todo.items():
+        results = run_seed(start_seed_run(args, seed, plan, device, output_dir, progress))
+        diverged += [f"seed {seed} {arm} at epoch {results[arm]['diverged_epoch']}" for arm in ARMS
+                     if arm in results and results[arm]["status"] == "diverged"]  # fmt: skip
+    return diverged
 
 
 def finish_skipped_seed(seed, output_dir):
@@ -1954,7 +2135,6 @@ def main(argv=None):
             write_summary(args.summarize)
             return 0
         if args.replay:
-            check_output_dir(args.output_dir)
             return replay(args)
         return run_training(args)
     except UserError as e:

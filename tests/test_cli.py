@@ -1,6 +1,9 @@
 """Command line: argument errors stop before anything is written, data errors are one line."""
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 from helpers import ROOT, TINY, cli, read_json, run_main, write_cifar_folder
@@ -30,6 +33,11 @@ BAD_ARGUMENTS = [
     (["--dl-window", "0"], "--dl-window must be an integer >= 1"),
     (["--device", "tpu"], "invalid choice"),
     (["--no-such-flag"], "unrecognized arguments"),
+    (["--lr", "0.1"], "unrecognized arguments: --lr 0.1"),  # not --lr-pulse: no abbreviations
+    (["--epoch", "3"], "unrecognized arguments: --epoch 3"),
+    (["--seed", "1", "--seeds", "1,2"], "--seed runs one seed, --multi-seed/--seeds several"),
+    (["--seed", "1", "--multi-seed"], "--seed runs one seed, --multi-seed/--seeds several"),
+    (["--epochs", "2", "--warmup-epochs", "2"], "pass --warmup-epochs 1 or less"),
     (["--summarize", "x", "--replay", "y"], "not allowed with argument"),
 ]
 
@@ -55,6 +63,44 @@ def test_zero_warmup_is_allowed():
     args = pc.build_parser().parse_args(["--warmup-epochs", "0", "--epochs", "1"])
     pc.check_args(args)
     assert args.seed_list == [42]
+
+
+def parsed(argv):
+    args = pc.build_parser().parse_args(argv)
+    pc.check_args(args)
+    return args
+
+
+def test_seeds_imply_multi_seed():
+    args = parsed(["--seeds", "1,2"])
+    assert args.multi_seed and args.seed_list == [1, 2]
+    assert parsed(["--multi-seed"]).seed_list == [42, 137, 2024]
+    assert parsed(["--seed", "7"]).seed_list == [7] and not parsed(["--seed", "7"]).multi_seed
+
+
+@pytest.mark.parametrize("epochs, warmup", [(1, 0), (2, 1), (3, 2), (30, 2)])
+def test_warmup_defaults_to_two_but_leaves_an_epoch_after_it(epochs, warmup):
+    assert parsed(["--epochs", str(epochs)]).warmup_epochs == warmup
+
+
+def test_one_epoch_smoke_run(tmp_path):
+    code, stdout, stderr = run_main([*TINY, "--epochs", "1", "--output-dir", tmp_path])
+    assert code == 0, stderr
+    results = read_json(tmp_path / "results_seed_42.json")
+    assert results["config"]["warmup_epochs"] == 0 and len(results["baseline"]["per_epoch"]["lr"]) == 1
+    assert results["baseline"]["per_epoch"]["lr"] == [0.01]  # no warmup: the cosine's start, the peak
+
+
+def test_control_help_describes_the_total_update():
+    control = next(a for a in pc.build_parser()._actions if "--control" in a.option_strings)
+    assert "total update" in control.help and "mean" not in control.help
+
+
+def test_importing_leaves_the_environment_alone():
+    code = "import os, phase_controller; print(os.environ.get('CUBLAS_WORKSPACE_CONFIG'))"
+    env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert result.returncode == 0 and result.stdout == "None\n", result.stderr
 
 
 def test_cuda_asked_for_but_absent(tmp_path):
@@ -91,7 +137,7 @@ def test_missing_dataset_without_network_says_where_to_put_it(tmp_path, monkeypa
     code, _, stderr = run_main(["--data-dir", data_dir, "--output-dir", tmp_path / "out"])
     assert code == 2 and stderr.count("\n") == 1
     assert f"put the official cifar-10-python.tar.gz into {data_dir}/" in stderr
-    assert list(data_dir.iterdir()) == [] and list((tmp_path / "out").iterdir()) == []
+    assert not data_dir.exists() and not (tmp_path / "out").exists()  # a failed start leaves nothing behind
 
 
 def test_invalid_dataset_stops_before_training(tmp_path):
@@ -125,9 +171,10 @@ def test_cifar10_folder_end_to_end(tmp_path):
     assert len(results["phase_aware"]["per_epoch"]["eval_acc"]) == 2
 
 
-def test_subset_larger_than_the_data(tmp_path):
-    code, _, stderr = run_main([*TINY, "--subset", "5000", "--output-dir", tmp_path])
+def test_subset_larger_than_the_data_creates_nothing(tmp_path):
+    code, _, stderr = run_main([*TINY, "--subset", "5000", "--output-dir", tmp_path / "new" / "out"])
     assert code == 2 and "training images available" in stderr
+    assert list(tmp_path.iterdir()) == []  # a start that fails its checks leaves nothing on disk
 
 
 def test_readme_documents_every_flag():

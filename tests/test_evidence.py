@@ -89,11 +89,15 @@ def schedule(base_lr, warmup, epochs):
     ]
 
 
-def phase_log(multipliers, accumulations, base_lr=0.01, warmup=2):
+def phase_log(multipliers, accumulations, batches, base_lr=0.01, warmup=2):
+    """A phase arm's log and config for an epoch of `batches` micro-batches: an epoch at
+    accumulation k takes ceil(batches / k) optimizer steps (counted by hand in the tests below)."""
     epochs = len(multipliers)
     lrs = [b * m for b, m in zip(schedule(base_lr, warmup, epochs), multipliers, strict=True)]
-    arm = {"status": "ok", "per_epoch": {"lr": lrs, "lr_mult": multipliers, "grad_accum": accumulations}}
-    return arm, {"base_lr": base_lr, "warmup_epochs": warmup, "epochs": epochs}
+    steps = [-(-batches // k) for k in accumulations]
+    log = {"lr": lrs, "lr_mult": multipliers, "grad_accum": accumulations, "steps": steps}
+    config = {"base_lr": base_lr, "warmup_epochs": warmup, "epochs": epochs, "batch_size": 128}
+    return {"status": "ok", "per_epoch": log}, {**config, "train_size": 128 * batches}
 
 
 @pytest.mark.parametrize(
@@ -106,23 +110,45 @@ def phase_log(multipliers, accumulations, base_lr=0.01, warmup=2):
     ],
 )
 def test_control_constant_matches_the_total_update(multipliers, accumulations, matched, mean):
-    arm, cfg = phase_log(multipliers, accumulations)
+    arm, cfg = phase_log(multipliers, accumulations, batches=390)  # even: accumulation 2 halves the steps
     assert pc.matched_lr_mult(arm, cfg) == pytest.approx(matched, abs=5e-5)
     assert np.mean(multipliers) == pytest.approx(mean)  # what the old control used, for contrast
 
 
 def test_control_constant_by_hand_on_three_epochs():
-    # Warmup 1 of 3 epochs: base LRs 1, 1, 0.5 (x base_lr). Sum of m*b/k = 1 + 2 + 0.125 = 3.125; sum b = 2.5.
-    arm, cfg = phase_log([1.0, 2.0, 0.5], [1, 1, 2], base_lr=1.0, warmup=1)
+    # Warmup 1 of 3 epochs: base LRs 1, 1, 0.5 (x base_lr). Four batches: 4, 4, 2 steps, so the
+    # update is 1*1*4/4 + 2*1*4/4 + 0.5*0.5*2/4 = 3.125 against a sum of base LRs of 2.5.
+    arm, cfg = phase_log([1.0, 2.0, 0.5], [1, 1, 2], batches=4, base_lr=1.0, warmup=1)
     assert pc.matched_lr_mult(arm, cfg) == pytest.approx(1.25)
+
+
+def test_control_constant_counts_the_short_last_window():
+    # The same epochs with three batches: accumulation 2 takes 2 steps of 3 (a short last window
+    # still steps), not 1.5. Update 1 + 2 + 0.5*0.5*2/3 = 3 + 1/6; divided by 2.5: 19/15.
+    arm, cfg = phase_log([1.0, 2.0, 0.5], [1, 1, 2], batches=3, base_lr=1.0, warmup=1)
+    assert pc.matched_lr_mult(arm, cfg) == pytest.approx(19 / 15)
+
+
+def test_control_constant_of_the_synthetic_example():
+    # --subset 384 --epochs 7 (warmup 2): three batches of 128; the phase arm ran at 1, 1, 1, 1.1,
+    # 0.5, 0.5, 0.5 with 3, 3, 3, 3, 2, 2, 2 steps. Base LRs /0.01: 0.5, 1, 1, then
+    # (1 + cos(k pi / 5)) / 2 for k = 1..4: 0.904508, 0.654508, 0.345492, 0.095492; they sum to 4.5.
+    # Update: 0.5 + 1 + 1 + 1.1 * 0.904508 + 0.5 * (2/3) * (0.654508 + 0.345492 + 0.095492) = 3.860123.
+    arm, cfg = phase_log([1.0, 1.0, 1.0, 1.1, 0.5, 0.5, 0.5], [1, 1, 1, 1, 2, 2, 2], batches=3)
+    assert arm["per_epoch"]["steps"] == [3, 3, 3, 3, 2, 2, 2]
+    assert pc.matched_lr_mult(arm, cfg) == pytest.approx(3.860123 / 4.5, abs=1e-6)  # 0.85780; 1/k gave 0.83752
 
 
 def test_control_arm_runs_at_the_matched_constant(control_run):
     _, results = control_run
     phase, control, base = results["phase_aware"], results["control"], results["baseline"]
     # The phase arm's recorded LRs are m*b and the baseline's are b: the matched constant from the logs.
-    steps = phase["per_epoch"]["grad_accum"]
-    expected = sum(lr / k for lr, k in zip(phase["per_epoch"]["lr"], steps, strict=True)) / sum(base["per_epoch"]["lr"])
+    # 256 images in batches of 64: four micro-batches, so 4 steps at accumulation 1 and 2 at 2.
+    steps = phase["per_epoch"]["steps"]
+    assert steps == [4 if k == 1 else 2 for k in phase["per_epoch"]["grad_accum"]]
+    assert base["per_epoch"]["steps"] == control["per_epoch"]["steps"] == [4] * 5
+    update = sum(lr * s / 4 for lr, s in zip(phase["per_epoch"]["lr"], steps, strict=True))
+    expected = update / sum(base["per_epoch"]["lr"])
     assert control["lr_mult"] == pytest.approx(expected, rel=1e-12) and control["lr_mult"] > 1.0  # the pulse
     assert phase["mean_lr_mult"] == pytest.approx(sum(phase["per_epoch"]["lr_mult"]) / 5)
     for lr_control, lr_base in zip(control["per_epoch"]["lr"], base["per_epoch"]["lr"], strict=True):
@@ -461,13 +487,20 @@ def test_replay_of_a_csv_without_eval_column(tmp_path):
     [
         ("missing.json", None, "cannot read"),
         ("bad.json", "[1.0, 2.0", "Expecting"),
-        ("words.json", '["a", "b"]', "expected a results_seed_N.json file or a JSON list of numbers"),
+        ("words.json", '["a", "b"]', 'item 0 of the list is "a", not a number'),
+        ("booleans.json", "[2.0, true, 1.0]", "item 1 of the list is true, not a number"),
+        ("losses.txt", "train_loss\n1.0\n", "read as JSON because its suffix is not .csv, but it is not JSON"),
+        ("separators.csv", ",,,\n,,\n", "needs a train_loss column in its header, found only separators"),
         ("empty.json", "[]", "no losses in it"),
         ("blank.json", "", "the file is empty"),
         ("nan.json", "[2.0, NaN, 1.0]", "losses must be finite numbers"),
         ("other.json", '{"some": "dict"}', "expected a results_seed_N.json file or a JSON list of numbers"),
         ("partial.json", '{"config": {}, "phase_aware": {"status": "ok"}}', "without the phase arm's per-epoch"),
-        ("no_column.csv", "loss\n1.0\n", "needs a header with a train_loss column, found loss"),
+        (
+            "no_column.csv",
+            "loss\n1.0\n",
+            "read as CSV because of its .csv suffix: needs a train_loss column in its header, found loss",
+        ),
         ("header_only.csv", "train_loss,eval_loss\n", "no rows under the header"),
         ("blank.csv", "\n\n", "the file is empty"),
         ("text.csv", "train_loss\n1.0\nabc\n", "row 2: train_loss 'abc' is not a number"),
@@ -485,6 +518,14 @@ def test_bad_replay_files_give_one_line(tmp_path, name, content, message):
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
     code, _, stderr = run_main(["--replay", path, "--output-dir", tmp_path / "out"])
     assert code == 2 and stderr.count("\n") == 1 and message in stderr and f"--replay {path}" in stderr
+
+
+def test_replay_of_a_zero_loss_with_a_relative_slope_is_one_line(tmp_path):
+    path = tmp_path / "zero.json"
+    path.write_text("[1.0, 0.5, 0.0]")
+    code, _, stderr = run_main(["--replay", path, "--dl-mode", "relative", "--output-dir", tmp_path / "out"])
+    assert code == 2 and stderr.count("\n") == 1 and "epoch 2 has 0.0" in stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_replay_file_in_a_real_process_has_no_traceback(tmp_path):

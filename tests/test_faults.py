@@ -240,3 +240,42 @@ def test_stale_temp_files_of_a_killed_run_are_removed_when_its_seed_starts(tmp_p
     (tmp_path / ".results_seed_421.json.tmp-99999").write_bytes(b"another seed's")
     assert run_main([*TINY, "--epochs", "3", "--output-dir", tmp_path])[0] == 0
     assert leftover_temp_files(tmp_path) == [".results_seed_421.json.tmp-99999"]
+
+
+# ----- one seed, one process -----
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import phase_controller as pc
+with pc.seed_lock(Path(sys.argv[2]), 42):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def hold_seed_lock(out):
+    """A process that holds seed 42's lock in out, as a training process does."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(ROOT), str(out)], stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout.readline() == "held\n"
+    return process
+
+
+def test_a_second_process_on_the_seed_refuses_and_a_killed_ones_lock_blocks_nothing(tmp_path):
+    holder = hold_seed_lock(tmp_path)
+    try:
+        for extra in ([], ["--resume"]):
+            code, stdout, stderr = run_main([*TINY, "--output-dir", tmp_path, *extra])
+            assert code == 2 and stderr.count("\n") == 1 and " epoch " not in stdout
+            assert f"seed 42 is being trained in {tmp_path} by pid {holder.pid} on " in stderr
+        assert run_main([*TINY, "--seed", "7", "--epochs", "1", "--output-dir", tmp_path])[0] == 0  # other seeds run
+    finally:
+        holder.kill()  # kill -9: no cleanup, its lock file stays behind
+        holder.wait()
+    assert (tmp_path / ".lock_seed_42").exists()
+    code, _, stderr = run_main([*TINY, "--output-dir", tmp_path, "--resume"])
+    assert code == 0, stderr
+    assert not (tmp_path / ".lock_seed_42").exists()  # a finished seed removes its lock file

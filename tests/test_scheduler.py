@@ -5,6 +5,7 @@ import io
 import re
 import tomllib
 
+import numpy as np
 import pytest
 import torch
 from helpers import ROOT, run_main
@@ -147,7 +148,83 @@ def test_state_dict_covers_base_controller_and_multiplier():
     state = scheduler.state_dict()
     assert state["lr_mult"] == 1.1 and state["grad_accum"] == 1
     assert state["controller"]["phase"] == "S1_BOUNDARY" and state["base"]["last_epoch"] == 16
-    assert state["base_lrs"] == pytest.approx([0.025, 0.005])  # 0.1 and 0.02, halved at steps 5 and 13
+    assert state["unscaled_lrs"] == pytest.approx([0.025, 0.005])  # 0.1 and 0.02, halved at steps 5 and 13
+    assert state["base_lrs"] == [0.1, 0.02] and state["last_epoch"] == 16  # torch's meaning: initial LRs, steps
+
+
+# ----- a torch LRScheduler, as frameworks check -----
+
+
+def test_it_is_a_torch_lr_scheduler_and_construction_steps_nothing():
+    optimizer = two_groups()
+    base = SCHEDULERS["MultiStepLR"](optimizer)
+    before = base.state_dict()
+    scheduler = pc.PhaseScheduler(optimizer, controller(), base=base)
+    assert isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler)
+    assert base.state_dict() == before and scheduler.last_epoch == 0  # the base was not stepped
+    assert scheduler.base_lrs == [0.1, 0.02] and scheduler.get_last_lr() == [0.1, 0.02]
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+    # MultiStepLR halves at its fifth step; the controller is in S0 (multiplier 1).
+    assert scheduler.last_epoch == 5 and scheduler.get_last_lr() == pytest.approx([0.05, 0.01])
+    assert scheduler.get_lr() == pytest.approx([0.05, 0.01]) and scheduler.base_lrs == [0.1, 0.02]
+
+
+def test_reduce_lr_on_plateau_keeps_the_invariants():
+    optimizer = two_groups()
+    base = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=0)
+    scheduler = pc.PhaseScheduler(optimizer, controller(), base=base)
+    for epoch, loss in enumerate(LOSSES[:5]):
+        scheduler.step(1.0)  # flat: halved at every call from the second on
+        scheduler.observe(loss, 1.0)
+        halvings = epoch
+        assert scheduler.unscaled_lrs == pytest.approx([0.1 * 0.5**halvings, 0.02 * 0.5**halvings])
+        assert scheduler.get_last_lr() == pytest.approx([lr * scheduler.lr_mult for lr in scheduler.unscaled_lrs])
+    assert scheduler.lr_mult == 1.1 and scheduler.last_epoch == 5  # S1 after epoch 2, as in LOSSES
+
+
+def test_reprs_show_phase_multiplier_and_accumulation():
+    ctl = pc.PhaseController(s3_patience=1)
+    for loss in LOSSES[:3]:
+        ctl.observe(loss)
+    assert "phase=S1_BOUNDARY" in repr(ctl) and "s3_patience=1" in repr(ctl) and "lr_pulse=1.1" in repr(ctl)
+    text = repr(pc.PhaseScheduler(two_groups(), ctl))
+    assert "phase=S1_BOUNDARY" in text and "lr_mult=1.1" in text and "grad_accum=1" in text
+
+
+def test_without_a_controller_observe_returns_the_fixed_recommendation():
+    scheduler = pc.PhaseScheduler(two_groups(), lr_mult=0.8)
+    assert scheduler.observe(2.0, 1.0) == (0.8, 1) and scheduler.get_last_lr() == pytest.approx([0.08, 0.016])
+
+
+@pytest.mark.parametrize(
+    "make, error",
+    [
+        (lambda: pc.PhaseScheduler("an optimizer"), "optimizer must be a torch.optim.Optimizer"),
+        (lambda: pc.PhaseScheduler(two_groups(), controller="S0"), "controller must be a PhaseController"),
+        (lambda: pc.PhaseScheduler(two_groups(), base=0.1), "base must be a torch LR scheduler"),
+        (lambda: pc.PhaseScheduler(two_groups(), lr_mult=0), "lr_mult must be > 0"),
+        (lambda: pc.PhaseScheduler(two_groups(), lr_mult="1.0"), "lr_mult must be a number"),
+        (lambda: pc.PhaseController(s1_threshold="-0.02"), "s1_threshold must be a number"),
+        (lambda: pc.PhaseController(grad_accum=2.5), "grad_accum must be an integer"),
+        (lambda: pc.PhaseController(window=True), "window must be a number"),
+        (lambda: pc.PhaseController().observe(True), "train_loss must be a number"),
+        (lambda: pc.PhaseController().observe("2.3"), "train_loss must be a number"),
+        (lambda: pc.PhaseController().observe(2.3, eval_loss=[1.0]), "eval_loss must be a number"),
+        (lambda: pc.PhaseScheduler(two_groups(), controller()).observe(None), "train_loss must be a number"),
+    ],
+)
+def test_bad_input_to_the_classes_is_a_clear_error(make, error):
+    with pytest.raises((TypeError, ValueError), match=error):
+        make()
+
+
+def test_losses_may_be_numpy_or_torch_numbers():
+    ctl = pc.PhaseController()
+    ctl.observe(np.float32(2.5))
+    ctl.observe(torch.tensor(2.0))
+    assert ctl.losses == [2.5, 2.0] and ctl.dL == pytest.approx(-0.5)
 
 
 # ----- the relative slope -----

@@ -28,8 +28,8 @@ def test_accumulating_two_micro_batches_equals_one_step_on_their_union():
     split, union = toy_model(), toy_model()
     opt_split, opt_union = sgd(split), sgd(union)
     for _ in range(3):  # several epochs, so momentum buffers are compared too
-        loss_split, acc_split = pc.train_epoch(split, opt_split, [(x[:8], y[:8]), (x[8:], y[8:])], 2, nullcontext())
-        loss_union, acc_union = pc.train_epoch(union, opt_union, [(x, y)], 1, nullcontext())
+        loss_split, acc_split, _ = pc.train_epoch(split, opt_split, [(x[:8], y[:8]), (x[8:], y[8:])], 2, nullcontext())
+        loss_union, acc_union, _ = pc.train_epoch(union, opt_union, [(x, y)], 1, nullcontext())
         assert loss_split == pytest.approx(loss_union, rel=1e-6) and acc_split == acc_union
     for p, q in zip(split.parameters(), union.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
@@ -70,8 +70,8 @@ def test_optimizer_steps_every_k_micro_batches_and_after_the_last(micro_batches,
     original_step = optimizer.step
     optimizer.step = lambda: calls.append(1) or original_step()
     batches = [(torch.randn(4, 3, 2, 2), torch.randint(0, 5, (4,))) for _ in range(micro_batches)]
-    pc.train_epoch(model, optimizer, batches, accum, nullcontext())
-    assert len(calls) == steps
+    _, _, counted = pc.train_epoch(model, optimizer, batches, accum, nullcontext())
+    assert len(calls) == steps and counted == steps  # what it reports is what it took
     assert all(p.grad is None for p in model.parameters())  # nothing left over for the next epoch
 
 
@@ -81,7 +81,7 @@ def test_reported_loss_is_the_unscaled_per_sample_mean():
     with torch.no_grad():
         expected = F.cross_entropy(model(x), y).item()  # one step at the end: all losses seen at start weights
         expected_acc = 100 * (model(x).argmax(1) == y).float().mean().item()
-    loss, acc = pc.train_epoch(model, sgd(model), [(x[:3], y[:3]), (x[3:], y[3:])], 4, nullcontext())
+    loss, acc, _ = pc.train_epoch(model, sgd(model), [(x[:3], y[:3]), (x[3:], y[3:])], 4, nullcontext())
     assert loss == pytest.approx(expected, rel=1e-6) and acc == pytest.approx(expected_acc)
 
 
@@ -102,7 +102,7 @@ def test_evaluate_is_mean_loss_and_accuracy_over_the_split():
 
 def test_outputs_and_their_keys(default_run):
     out, results, _ = default_run
-    assert sorted(p.name for p in out.iterdir()) == ["figure_seed_42.png", "results_seed_42.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["figure_seed_42.png", "results_seed_42.json"]  # no lock left
     assert (out / "figure_seed_42.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = results["config"]
     flags = {"seed", "epochs", "device", "multi_seed", "seeds", "s1_threshold", "s2_threshold", "lr_pulse",
@@ -112,7 +112,7 @@ def test_outputs_and_their_keys(default_run):
     assert config["dataset"] == "synthetic" and config["precision"] == "fp32" and config["device"] == "cpu"
     assert config["model_params"] == sum(p.numel() for p in pc.CifarResNet(config["width"]).parameters())
     assert set(results) == {"config", "baseline", "phase_aware", "delta_best_acc", "delta_final_acc"}
-    per_epoch = ["train_loss", "train_acc", "eval_loss", "eval_acc", "lr", "train_seconds", "eval_seconds"]
+    per_epoch = ["train_loss", "train_acc", "eval_loss", "eval_acc", "lr", "steps", "train_seconds", "eval_seconds"]
     for name in ("baseline", "phase_aware"):
         arm = results[name]
         assert {"best_acc", "final_acc", "time_seconds", "per_epoch", "status"} <= set(arm)
@@ -123,6 +123,9 @@ def test_outputs_and_their_keys(default_run):
     phase = results["phase_aware"]
     assert all(len(phase["per_epoch"][k]) == 6 for k in ("phase", "dL", "lr_mult", "grad_accum"))
     assert {"transitions", "transition_epochs"} <= set(phase)
+    # 256 images in batches of 64: 4 steps an epoch at accumulation 1, 2 at accumulation 2.
+    assert results["baseline"]["per_epoch"]["steps"] == [4] * 6
+    assert phase["per_epoch"]["steps"] == [4, 4, 4, 4, 2, 2] and phase["per_epoch"]["grad_accum"][-2:] == [2, 2]
     assert results["delta_best_acc"] == phase["best_acc"] - results["baseline"]["best_acc"]
     assert results["delta_final_acc"] == phase["final_acc"] - results["baseline"]["final_acc"]
 
