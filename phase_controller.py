@@ -800,8 +800,24 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # seeds every CUDA device too
+
+
+def set_up_backends():
+    """Deterministic kernels, and fp32 that is IEEE fp32 on every device.
+
+    cuDNN convolutions use TF32 by default, so without this `--bf16 off` on a GPU would train in
+    TF32 while recording fp32. The allow_tf32 flags exist in every torch from 2.4 on; torch 2.9's
+    fp32_precision API is not touched, since mixing the two makes reading allow_tf32 raise.
+    """
+    # cuBLAS is deterministic only with this workspace setting, set before CUDA starts (lazily, at
+    # the first CUDA tensor). Set by the command line, not on import: a library leaves its user's
+    # environment alone.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def train_epoch(model, optimizer, batches, grad_accum, autocast):
@@ -991,15 +1007,28 @@ def show_batches(batches, total, label, stream=None):
     start = last = time.perf_counter()
     images = 0
     for done, (x, y) in enumerate(batches, 1):
-        yield x, y  # resumes once the batch is trained on
+        yield x, y  # resumes once the batch is queued for training
         images += len(y)
         now = time.perf_counter()
         if now - last >= 0.5 or done == total:
+            # An accelerator runs behind the host: wait until the batches counted are trained, so that
+            # images/s is what was computed, not what was queued. Only when a line is drawn.
+            if synchronize(y.device):
+                now = time.perf_counter()
             eta = (total - done) * (now - start) / done
             stream.write(f"\r{label}  batch {done}/{total}  {images / (now - start):.0f} img/s  ETA {eta:.0f}s\033[K")
             stream.flush()
             last = now
     stream.write("\r\033[K")  # the epoch's own line takes its place
+
+
+def synchronize(device):
+    """Wait for the device's queued work; whether there was a queue to wait for."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+    return device.type in ("cuda", "mps")
 
 
 def restore_arm(run, name, model, optimizer, scheduler):
@@ -1863,18 +1892,25 @@ def check_args(args):
     args.seed_list = parse_seeds(args.seeds) if args.multi_seed else [args.seed]
 
 
-def pick_device(name, local_rank=0):
+def pick_device(name, local_rank=0, local_world=1):
+    """The device of this process; under torchrun, cuda:LOCAL_RANK.
+
+    Every rank checks the node's process count against its GPUs before any collective, so a bad
+    launch stops all ranks with the same line instead of leaving rank 0 waiting for the others.
+    """
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     if name == "auto":
         name = "cuda" if cuda else "mps" if mps else "cpu"
     if name == "cuda":
         if not cuda:
             raise UserError(f"--device cuda asked for, but torch {torch.__version__} sees no CUDA device")
-        if local_rank >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        if max(local_world, local_rank + 1) > count:
             raise UserError(
-                f"local rank {local_rank} needs cuda:{local_rank}, but {torch.cuda.device_count()} CUDA device(s)"
-                " are visible: start at most that many processes per node"
+                f"{max(local_world, local_rank + 1)} processes on this node need one CUDA device each, but {count}"
+                f" are visible: start at most {count} per node (torchrun --nproc_per_node {count})"
             )
+        torch.cuda.set_device(local_rank)  # NCCL and the default CUDA stream follow the current device
         return torch.device("cuda", local_rank)
     if name == "mps" and not mps:
         raise UserError("--device mps asked for, but this torch sees no MPS device")
@@ -1943,6 +1979,7 @@ def run_config(args, seed, device, precision, data, train_size):
         seed=seed, device=str(device), precision=precision, momentum=MOMENTUM,
         memory_format=str(memory_format_for(device, args.width)).removeprefix("torch."),
         weight_decay=WEIGHT_DECAY, torch_version=str(torch.__version__),
+        tf32=torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32,  # as set_up_backends left it
         model_params=sum(p.numel() for p in CifarResNet(args.width).parameters()),
         train_size=train_size, test_size=len(data.test_y),
     )  # fmt: skip
@@ -2025,17 +2062,17 @@ def start_seed_run(args, seed, plan, device, output_dir, progress):
 
 
 def distributed_env():
-    """(rank, world_size, local_rank) under torchrun; (0, 1, 0) otherwise."""
-    return tuple(int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    """(rank, world_size, local_rank, local_world_size) under torchrun; (0, 1, 0, 1) otherwise."""
+    rank, world, local_rank = (
+        int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0))
+    )
+    return rank, world, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
 
 
 def run_training(args):
-    # cuBLAS is deterministic only with this workspace setting, set before CUDA starts (lazily, at
-    # the first CUDA tensor). Set here, by the command line, not on import: a library leaves its
-    # user's environment alone.
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    rank, world, local_rank = distributed_env()
-    device = pick_device(args.device, local_rank)
+    set_up_backends()
+    rank, world, local_rank, local_world = distributed_env()
+    device = pick_device(args.device, local_rank, local_world)
     if args.bf16 == "on" and device.type == "mps":
         raise UserError("--bf16 on is not supported on MPS here")
     precision = "bf16-autocast" if args.bf16 == "on" or (args.bf16 == "auto" and native_bf16(device)) else "fp32"
@@ -2047,7 +2084,6 @@ def run_training(args):
             if rank == 0:
                 prepare_cifar10(args.data_dir)
             dist.barrier()
-    torch.use_deterministic_algorithms(True, warn_only=True)
     my_seeds = args.seed_list[rank::world]
     arms = 3 if args.control == "lr-matched" else 2
     progress = Progress(len(my_seeds) * arms * args.epochs)
@@ -2055,6 +2091,7 @@ def run_training(args):
     plans = {seed: plan_seed(args, seed, device, precision) for seed in my_seeds}
     finished = {seed for seed, plan in plans.items() if args.resume and check_resumable(seed, output_dir, plan.config)}
     make_output_dir(output_dir)
+    args.started = True  # from here on an interrupt leaves something to resume
     with ExitStack() as locks:
         for seed in my_seeds:
             locks.enter_context(seed_lock(output_dir, seed))
@@ -2094,7 +2131,7 @@ def train_seeds(args, plans, finished, device, precision, output_dir, progress):
             stale += output_dir.glob(f"checkpoint_seed_{seed}_*.pt")
         for path in stale:
             path.unlink()
-    rank, world, _ = distributed_env()
+    rank, world, _, _ = distributed_env()
     where = f", rank {rank} of {world}" if world > 1 else ""
     print(
         f"{describe_data(vars(args))}: {len(todo)} seed(s) to train on {device}"
@@ -2128,6 +2165,7 @@ def main(argv=None):
         sys.stdout.reconfigure(line_buffering=True)  # progress lines appear at once, also through a pipe
     # A cluster's preemption (SIGTERM) stops a run as cleanly as Ctrl-C does.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    args = None
     try:
         args = build_parser().parse_args(argv)
         check_args(args)
@@ -2141,6 +2179,9 @@ def main(argv=None):
         print(f"phase_controller.py: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if not getattr(args, "started", False):
+            print("\ninterrupted before training started; nothing to resume", file=sys.stderr)
+            return 130
         again = " ".join(
             shlex.quote(a)
             for a in ["python", "phase_controller.py", *argv, *([] if "--resume" in argv else ["--resume"])]

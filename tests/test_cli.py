@@ -109,16 +109,49 @@ def test_cuda_asked_for_but_absent(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_more_ranks_than_gpus_is_one_line_before_training(tmp_path, monkeypatch):
+@pytest.mark.parametrize("rank", [0, 1])
+def test_more_ranks_than_gpus_stops_every_rank_before_any_collective(tmp_path, monkeypatch, rank):
+    # torchrun --nproc_per_node 2 on a one-GPU node: rank 0 must not wait in init_process_group
+    # for a rank 1 that has already given up.
     monkeypatch.setattr(pc.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(pc.torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(pc.dist, "init_process_group", lambda *a, **k: pytest.fail("a collective was started"))
+    env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": 2, "LOCAL_WORLD_SIZE": 2}
+    for key, value in env.items():
+        monkeypatch.setenv(key, str(value))
     code, stdout, stderr = run_main([*TINY, "--device", "cuda", "--output-dir", tmp_path / "out"])
     assert code == 2 and stderr.count("\n") == 1 and stdout == ""
-    assert "local rank 1 needs cuda:1, but 1 CUDA device(s) are visible" in stderr
+    assert "2 processes on this node need one CUDA device each, but 1 are visible" in stderr
+    assert "--nproc_per_node 1" in stderr and "--resume" not in stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_cuda_rank_makes_its_gpu_the_current_device(monkeypatch):
+    current = []
+    monkeypatch.setattr(pc.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(pc.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(pc.torch.cuda, "set_device", current.append)
+    assert pc.pick_device("cuda", local_rank=1, local_world=2) == pc.torch.device("cuda", 1) and current == [1]
+
+
+def test_fp32_is_ieee_fp32_after_the_backends_are_set_up(monkeypatch):
+    # Current torch lets cuDNN convolutions use TF32 by default; no GPU is needed to read the flags.
+    monkeypatch.setattr(pc.torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setattr(pc.torch.backends.cuda.matmul, "allow_tf32", True)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    pc.set_up_backends()
+    assert pc.torch.backends.cudnn.allow_tf32 is False and pc.torch.backends.cuda.matmul.allow_tf32 is False
+    assert pc.torch.backends.cudnn.deterministic and not pc.torch.backends.cudnn.benchmark
+    assert pc.os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+
+
+def test_an_interrupt_before_training_does_not_advise_resume(tmp_path, monkeypatch):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pc, "plan_seed", interrupted)
+    code, _, stderr = run_main([*TINY, "--output-dir", tmp_path / "out"])
+    assert code == 130 and "nothing to resume" in stderr and "--resume" not in stderr
 
 
 def test_output_dir_that_cannot_be_created(tmp_path):

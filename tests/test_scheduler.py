@@ -322,3 +322,23 @@ def test_no_progress_line_in_a_pipe():
     stream = io.StringIO()
     batches = [(torch.zeros(4), torch.zeros(4)) for _ in range(3)]
     assert list(pc.show_batches(iter(batches), 3, "x", stream)) == batches and stream.getvalue() == ""
+
+
+class QueuedBatch:
+    """Labels on an accelerator that runs behind the host: only their count and device matter here."""
+
+    def __init__(self, n, device):
+        self.n, self.device = n, pc.torch.device(device)
+
+    def __len__(self):
+        return self.n
+
+
+def test_progress_line_waits_for_the_accelerator_before_reading_the_clock(monkeypatch):
+    waits = []
+    monkeypatch.setattr(pc.torch.cuda, "synchronize", waits.append)
+    batches = [(None, QueuedBatch(4, "cuda:0")) for _ in range(3)]
+    terminal = Terminal()
+    assert len(list(pc.show_batches(iter(batches), 3, "x", terminal))) == 3
+    drawn = terminal.getvalue().count("batch ")
+    assert drawn >= 1 and waits == [pc.torch.device("cuda:0")] * drawn  # once per line drawn, never per batch

@@ -110,6 +110,7 @@ def test_outputs_and_their_keys(default_run):
              "grad_accum", "s3_patience", "dl_window", "bf16", "control", "val_size"}  # fmt: skip
     assert flags | {"torch_version", "model_params", "precision", "memory_format"} <= set(config)
     assert config["dataset"] == "synthetic" and config["precision"] == "fp32" and config["device"] == "cpu"
+    assert config["tf32"] is False  # fp32 means IEEE fp32, also where a GPU would offer TF32
     assert config["model_params"] == sum(p.numel() for p in pc.CifarResNet(config["width"]).parameters())
     assert set(results) == {"config", "baseline", "phase_aware", "delta_best_acc", "delta_final_acc"}
     per_epoch = ["train_loss", "train_acc", "eval_loss", "eval_acc", "lr", "steps", "train_seconds", "eval_seconds"]
