@@ -10,11 +10,11 @@ arm whose only difference is the controller (optionally a third, LR-matched cont
 Evidence: README.md, "Results" and "What has been measured": every number there names the
 machine, the data and the command that produced it.
 
-The file reads top to bottom in the order data flows:
-    hyperparameters -> data (safe CIFAR-10 reading, synthetic task, splits) -> device-resident
-    loader -> network -> schedule, PhaseController and PhaseScheduler -> training (one loop
-    serves every arm) -> statistics, summary and success criteria -> figures -> replay ->
-    command line
+The file reads mechanism first, then the experiment around it in the order data flows:
+    hyperparameters -> the mechanism (base schedule, dL, phase table, PhaseController,
+    PhaseScheduler) -> network -> data (safe CIFAR-10 reading, synthetic task, splits) ->
+    device-resident loader -> training (one loop serves every arm) -> statistics, summary and
+    success criteria -> figures -> replay -> runs and the command line
 
 PhaseController and PhaseScheduler lift into any PyTorch loop: see README.md, "Using
 PhaseController in your own loop".
@@ -96,12 +96,6 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 CROP_PADDING = 4
 SPLIT_SEED = 0  # the one permutation behind --subset and --val-size, the same for every --seed
-CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
-CIFAR_ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
-CIFAR_FOLDER = "cifar-10-batches-py"
-CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
-CIFAR_CASES_PER_BATCH = 10000
 
 # The settings that define what a seed's run computes: runs that agree on these and the seed
 # compute the same numbers (on the same machine), so these are what --resume and --summarize compare.
@@ -112,6 +106,352 @@ RUN_KEYS = (
 )  # fmt: skip
 # Settings added after results files were first written, and what runs before them used.
 RUN_KEY_DEFAULTS = {"dl_mode": "absolute"}
+
+
+#############################################
+#      Mechanism: schedule, dL, phases      #
+#############################################
+
+# What the mechanism is, in the order it acts: the shared base schedule gives each epoch's LR;
+# dL, the smoothed slope of the training loss, is what the controller watches; the phase table
+# says what each phase asks of the next epoch; PhaseController walks the phases; PhaseScheduler
+# puts its multiplier on top of any torch LR scheduler. Everything after this section is the
+# experiment around it.
+
+
+def base_lr_at(epoch, base_lr=BASE_LR, warmup_epochs=WARMUP_EPOCHS, epochs=EPOCHS):
+    """The shared schedule, constant within an epoch: linear warmup, then cosine to the end."""
+    if epoch < warmup_epochs:
+        return base_lr * (epoch + 1) / warmup_epochs
+    progress = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1)
+    return base_lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def loss_slope(losses, dl_window=DL_WINDOW, dl_mode=DL_MODE):
+    """dL: the mean of the last min(dl_window, n-1) first differences of a loss curve; 0 before
+    two losses. dl_mode "relative" divides it by the latest loss."""
+    n = len(losses)
+    if n < 2:
+        return 0.0
+    w = min(dl_window, n - 1)
+    slope = (losses[-1] - losses[-1 - w]) / w
+    return slope / losses[-1] if dl_mode == "relative" else slope
+
+
+PHASES = ("S0_EXPLORE", "S1_BOUNDARY", "S2_AXIS_LOCK", "S3_POLISH")
+S0_EXPLORE, S1_BOUNDARY, S2_AXIS_LOCK, S3_POLISH = PHASES
+
+
+class Recommendation(NamedTuple):
+    """What a phase asks of the next epoch."""
+
+    lr_mult: float  # multiplies the base schedule's LR; never compounds
+    accumulation: int  # micro-batches per optimizer step
+
+
+def phase_table(lr_pulse=LR_PULSE, grad_accum=GRAD_ACCUM):
+    """The one phase -> Recommendation table."""
+    return {
+        S0_EXPLORE: Recommendation(lr_mult=1.0, accumulation=1),
+        S1_BOUNDARY: Recommendation(lr_mult=lr_pulse, accumulation=1),
+        S2_AXIS_LOCK: Recommendation(lr_mult=0.5, accumulation=grad_accum),
+        S3_POLISH: Recommendation(lr_mult=0.1, accumulation=grad_accum),
+    }
+
+
+class PhaseController:
+    """Detects training phases from the per-epoch training loss and recommends LR and accumulation.
+
+    Call observe(train_loss, eval_loss) once per epoch; it returns the Recommendation for the
+    next epoch, from phase_table(). At most one transition per call, decided by the phase held
+    when the call starts:
+
+        S0_EXPLORE   -> S1_BOUNDARY   when at least 3 losses are seen and dL < s1_threshold
+        S1_BOUNDARY  -> S2_AXIS_LOCK  when |dL| < s2_threshold
+        S2_AXIS_LOCK -> S3_POLISH     after s3_patience eval losses in S2 (not counting the call
+                                      that entered it) without beating the best by 1e-4
+        S3_POLISH is final.
+
+    dl_mode="absolute" (the original) takes dL in loss units per epoch, so the thresholds mean
+    different things at a loss of 2.0 and of 0.05; dl_mode="relative" divides dL by the latest
+    training loss, so the thresholds are fractions of the loss per epoch and transfer between
+    tasks and loss scales. grad_accum is the accumulation S2 and S3 ask for.
+
+    Like torch's ReduceLROnPlateau, all state (settings and counters) is in state_dict().
+    """
+
+    def __init__(
+        self,
+        s1_threshold=S1_THRESHOLD,
+        s2_threshold=S2_THRESHOLD,
+        lr_pulse=LR_PULSE,
+        grad_accum=GRAD_ACCUM,
+        s3_patience=S3_PATIENCE,
+        dl_window=DL_WINDOW,
+        dl_mode=DL_MODE,
+    ):
+        if dl_mode not in ("absolute", "relative"):
+            raise ValueError(f"dl_mode must be 'absolute' or 'relative', got {dl_mode!r}")
+        for name, value in (("s1_threshold", s1_threshold), ("s2_threshold", s2_threshold), ("lr_pulse", lr_pulse)):
+            require_number(name, value)
+        if not math.isfinite(s1_threshold):
+            raise ValueError(f"s1_threshold must be finite, got {s1_threshold}")
+        if not s2_threshold >= 0 or not math.isfinite(s2_threshold):
+            raise ValueError(f"s2_threshold must be >= 0, got {s2_threshold}")
+        if not lr_pulse > 0 or not math.isfinite(lr_pulse):
+            raise ValueError(f"lr_pulse must be > 0, got {lr_pulse}")
+        for name, value in (("grad_accum", grad_accum), ("s3_patience", s3_patience), ("dl_window", dl_window)):
+            if require_number(name, value) != value or int(value) != value or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value}")
+        self.s1_threshold = float(s1_threshold)
+        self.s2_threshold = float(s2_threshold)
+        self.lr_pulse = float(lr_pulse)
+        self.grad_accum = int(grad_accum)
+        self.s3_patience = int(s3_patience)
+        self.dl_window = int(dl_window)
+        self.dl_mode = dl_mode
+        self.losses = []  # every training loss observed
+        self.dL = 0.0
+        self.phase = S0_EXPLORE
+        self.best_eval = math.inf  # best eval loss seen in S2
+        self.stale = 0  # evaluations in S2 since the best improved
+        self.transitions = []  # human-readable, one line per transition
+        self.transition_epochs = {}  # {"S1": epoch, ...}, the 0-based epoch that caused it
+
+    def __repr__(self):
+        settings = ", ".join(f"{k}={getattr(self, k)!r}" for k in CONTROLLER_SETTINGS)
+        return f"PhaseController(phase={self.phase}, dL={self.dL:+.5f}, epochs_seen={len(self.losses)}, {settings})"
+
+    def recommendation(self):
+        """What the current phase asks of the next epoch."""
+        return phase_table(self.lr_pulse, self.grad_accum)[self.phase]
+
+    def observe(self, train_loss, eval_loss=None):
+        """Take one epoch's mean training loss (and eval loss); return the next epoch's Recommendation."""
+        train_loss = require_number("train_loss", train_loss)
+        if not math.isfinite(train_loss):
+            raise ValueError(f"train_loss must be finite, got {train_loss}")
+        if eval_loss is not None and not math.isfinite(require_number("eval_loss", eval_loss)):
+            raise ValueError(f"eval_loss must be finite or None, got {eval_loss}")
+        if self.dl_mode == "relative" and not train_loss > 0:
+            raise ValueError(f"a relative dL needs positive training losses, got {train_loss}")
+        self.losses.append(train_loss)
+        self.dL = loss_slope(self.losses, self.dl_window, self.dl_mode)
+        if self.phase == S0_EXPLORE and len(self.losses) >= 3 and self.dL < self.s1_threshold:
+            self._enter(S1_BOUNDARY, f"dL {self.dL:+.4f} < s1_threshold {self.s1_threshold:+.4f}")
+        elif self.phase == S1_BOUNDARY and abs(self.dL) < self.s2_threshold:
+            self._enter(S2_AXIS_LOCK, f"|dL| {abs(self.dL):.4f} < s2_threshold {self.s2_threshold:.4f}")
+        elif self.phase == S2_AXIS_LOCK and eval_loss is not None:
+            if eval_loss < self.best_eval - EVAL_MIN_DELTA:
+                self.best_eval, self.stale = float(eval_loss), 0
+            else:
+                self.stale += 1
+            if self.stale >= self.s3_patience:
+                self._enter(S3_POLISH, f"eval loss not below {self.best_eval:.4f} for {self.stale} evaluations")
+        return self.recommendation()
+
+    def _enter(self, phase, reason):
+        epoch = len(self.losses) - 1
+        self.transitions.append(f"epoch {epoch}: {self.phase} -> {phase} ({reason})")
+        self.transition_epochs[phase[:2]] = epoch
+        self.phase = phase
+
+    def state_dict(self):
+        return copy.deepcopy(self.__dict__)
+
+    def load_state_dict(self, state_dict):
+        state_dict = {RENAMED_CONTROLLER_KEYS.get(k, k): v for k, v in state_dict.items()}
+        missing = set(self.__dict__) - set(state_dict)
+        if missing:
+            raise KeyError(f"PhaseController state_dict lacks {sorted(missing)}")
+        self.__dict__.update(copy.deepcopy(state_dict))
+
+
+class PhaseScheduler(torch.optim.lr_scheduler.LRScheduler):
+    """A PhaseController's LR multiplier on top of any torch LR scheduler, never compounding.
+
+        scheduler = PhaseScheduler(optimizer, PhaseController(), base=OneCycleLR(optimizer, ...))
+        for epoch in range(epochs):
+            for batch in batches:
+                ...                       # forward, backward, optimizer.step() every accumulation batches
+                scheduler.step()          # wherever you would step `base`: per batch or per epoch
+            lr_mult, accumulation = scheduler.observe(train_loss, eval_loss)
+
+    After every call each param group's LR is the base scheduler's own, unscaled LR for that group
+    times the current multiplier: before each base step the unscaled LRs are put back, so
+    recursive schedulers (MultiStepLR, ExponentialLR) compute from their own values and
+    closed-form ones (LambdaLR, OneCycleLR) are not overwritten. base=None keeps the optimizer's
+    LRs at construction as a constant base. Without a controller the multiplier stays lr_mult and
+    observe() returns that fixed Recommendation(lr_mult, 1).
+
+    It is a torch LRScheduler, so frameworks that check for one (PyTorch Lightning) accept it, and
+    the inherited names keep torch's meaning: base_lrs are the LRs at construction (initial_lr),
+    last_epoch counts step() calls, get_last_lr() the LRs applied now. Constructing it sets the
+    multiplier on the optimizer's LRs and steps nothing, unlike torch's own schedulers.
+
+    Accumulation: with a per-batch base schedule, call step() after every micro-batch, also those
+    that end in no optimizer step. The base schedule then advances with the data seen, whatever
+    accumulation the controller recommends, and ends where it would without accumulation; each
+    optimizer step uses the LR in force at its last micro-batch. (Stepping only with the
+    optimizer would stretch the schedule by the accumulation: it would not reach its end in time.)
+    """
+
+    def __init__(self, optimizer, controller=None, base=None, lr_mult=1.0):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if controller is not None and not isinstance(controller, PhaseController):
+            raise TypeError(f"controller must be a PhaseController or None, got {type(controller).__name__}")
+        if base is not None and not callable(getattr(base, "step", None)):
+            raise TypeError(f"base must be a torch LR scheduler (with step()) or None, got {type(base).__name__}")
+        if controller is None and not (require_number("lr_mult", lr_mult) > 0 and math.isfinite(lr_mult)):
+            raise ValueError(f"lr_mult must be > 0, got {lr_mult}")
+        # Not LRScheduler.__init__: it would take a step at construction.
+        self.optimizer, self.controller, self.base = optimizer, controller, base
+        self.base_lrs = [group.setdefault("initial_lr", group["lr"]) for group in optimizer.param_groups]
+        self.last_epoch, self._step_count = 0, 1  # as torch's schedulers leave them after construction
+        self.fixed = Recommendation(float(lr_mult), 1)  # what observe() returns without a controller
+        self.lr_mult, self.accumulation = controller.recommendation() if controller is not None else self.fixed
+        self.unscaled_lrs = [group["lr"] for group in optimizer.param_groups]  # the base scheduler's own
+        self._apply()
+
+    def __repr__(self):
+        base = "constant" if self.base is None else type(self.base).__name__
+        phase = None if self.controller is None else self.controller.phase
+        return (
+            f"PhaseScheduler(phase={phase}, lr_mult={self.lr_mult}, accumulation={self.accumulation}, "
+            f"last_lr={self.get_last_lr()}, base={base}, controller={self.controller!r})"
+        )
+
+    def _apply(self, lr_mult=None):
+        """Each group's LR: its unscaled LR times lr_mult (the current multiplier when None)."""
+        lr_mult = self.lr_mult if lr_mult is None else lr_mult
+        for group, unscaled in zip(self.optimizer.param_groups, self.unscaled_lrs, strict=True):
+            group["lr"] = unscaled * lr_mult
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def step(self, *args, **kwargs):
+        """Advance the base scheduler (arguments pass through, e.g. ReduceLROnPlateau's metric)."""
+        if self.base is not None:
+            self._apply(1.0)  # the base steps from its own, unscaled LRs
+            self.base.step(*args, **kwargs)
+            self.unscaled_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self.last_epoch += 1
+        self._step_count += 1
+        self._apply()
+
+    def observe(self, train_loss, eval_loss=None):
+        """One epoch's losses to the controller; its multiplier applies from the next optimizer step."""
+        if self.controller is None:
+            return self.fixed
+        recommendation = self.controller.observe(train_loss, eval_loss)
+        self.lr_mult, self.accumulation = recommendation
+        self._apply()
+        return recommendation
+
+    def get_lr(self):
+        """The LRs in force: the base's unscaled LRs times the current multiplier."""
+        return [unscaled * self.lr_mult for unscaled in self.unscaled_lrs]
+
+    def get_last_lr(self):
+        """The LRs applied now, one per param group (the base's times the multiplier)."""
+        return list(self._last_lr)
+
+    def state_dict(self):
+        return {
+            "base": None if self.base is None else self.base.state_dict(),
+            "controller": None if self.controller is None else self.controller.state_dict(),
+            "lr_mult": self.lr_mult,
+            "accumulation": self.accumulation,
+            "unscaled_lrs": list(self.unscaled_lrs),
+            "base_lrs": list(self.base_lrs),
+            "last_epoch": self.last_epoch,
+        }
+
+    def load_state_dict(self, state_dict):
+        if self.base is not None:
+            self.base.load_state_dict(state_dict["base"])
+        if self.controller is not None:
+            self.controller.load_state_dict(state_dict["controller"])
+        self.lr_mult = state_dict["lr_mult"]
+        self.accumulation = state_dict["accumulation" if "accumulation" in state_dict else "grad_accum"]
+        if "unscaled_lrs" in state_dict:
+            self.unscaled_lrs = list(state_dict["unscaled_lrs"])
+            self.base_lrs, self.last_epoch = list(state_dict["base_lrs"]), state_dict["last_epoch"]
+        else:  # saved before this was an LRScheduler: "base_lrs" held the unscaled LRs
+            self.unscaled_lrs = list(state_dict["base_lrs"])
+            self.last_epoch = self.base.last_epoch if self.base is not None else 0
+        self._step_count = self.last_epoch + 1
+        self._apply()
+
+
+# The controller's settings: its keywords, the results file's config keys and the flags' names.
+CONTROLLER_SETTINGS = ("s1_threshold", "s2_threshold", "lr_pulse", "grad_accum", "s3_patience", "dl_window", "dl_mode")
+RENAMED_CONTROLLER_KEYS = {"window": "dl_window", "slope": "dl_mode"}  # in state_dicts saved before 2026-12
+
+
+def controller_from_config(config):
+    return PhaseController(**{key: config[key] for key in CONTROLLER_SETTINGS})
+
+
+def require_number(name, value):
+    """value as a float: a Python, numpy or one-element torch number, never a bool or a string."""
+    if not isinstance(value, bool | np.bool_ | str | bytes | None):
+        try:
+            return float(value)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    raise TypeError(f"{name} must be a number, got {value!r}")
+
+
+#############################################
+#                  Network                  #
+#############################################
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """The narrow CIFAR ResNet: a stem, three stages of two BasicBlocks (w, 2w, 4w), a linear head."""
+
+    def __init__(self, width=WIDTH, num_classes=10):
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(nn.Conv2d(3, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
+        self.stages = nn.Sequential(
+            BasicBlock(w, w, 1), BasicBlock(w, w, 1),
+            BasicBlock(w, 2 * w, 2), BasicBlock(2 * w, 2 * w, 1),
+            BasicBlock(2 * w, 4 * w, 2), BasicBlock(4 * w, 4 * w, 1),
+        )  # fmt: skip
+        self.head = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x):
+        # mean over H, W rather than adaptive pooling: its CUDA backward is not deterministic.
+        return self.head(self.stages(self.stem(x)).mean((2, 3)))
+
+
+def build_model(width, seed, device):
+    """The same initial weights for every arm of a seed."""
+    torch.manual_seed(seed)
+    return CifarResNet(width).to(device, memory_format=memory_format_for(device, width))
+
+
+#############################################
+#              Files and errors             #
+#############################################
 
 
 class UserError(Exception):
@@ -161,8 +501,16 @@ def new_folders_removed_on_failure(path, flag):
 
 
 #############################################
-#          Data: CIFAR-10 on disk           #
+#           Data: CIFAR-10 on disk          #
 #############################################
+
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
+CIFAR_ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR_FOLDER = "cifar-10-batches-py"
+CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR_CASES_PER_BATCH = 10000
+
 
 # The official batch files are Python 2 pickles of dicts holding lists, strings and one numpy
 # array. An ordinary unpickler would run whatever a tampered file names, so this one resolves
@@ -316,7 +664,7 @@ def unpack_or_download_cifar10(data_dir, folder, how_to_fix):
 
 
 #############################################
-#     Data: synthetic task and the splits   #
+#    Data: synthetic task and the splits    #
 #############################################
 
 
@@ -360,7 +708,7 @@ def split_indices(n_train, subset, val_size):
 
 
 #############################################
-#         Loader: whole splits on device    #
+#       Loader: whole splits on device      #
 #############################################
 
 
@@ -439,341 +787,7 @@ class DeviceSplit:
 
 
 #############################################
-#                  Network                  #
-#############################################
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, c_in, c_out, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Identity()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class CifarResNet(nn.Module):
-    """The narrow CIFAR ResNet: a stem, three stages of two BasicBlocks (w, 2w, 4w), a linear head."""
-
-    def __init__(self, width=WIDTH, num_classes=10):
-        super().__init__()
-        w = width
-        self.stem = nn.Sequential(nn.Conv2d(3, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
-        self.stages = nn.Sequential(
-            BasicBlock(w, w, 1), BasicBlock(w, w, 1),
-            BasicBlock(w, 2 * w, 2), BasicBlock(2 * w, 2 * w, 1),
-            BasicBlock(2 * w, 4 * w, 2), BasicBlock(4 * w, 4 * w, 1),
-        )  # fmt: skip
-        self.head = nn.Linear(4 * w, num_classes)
-
-    def forward(self, x):
-        # mean over H, W rather than adaptive pooling: its CUDA backward is not deterministic.
-        return self.head(self.stages(self.stem(x)).mean((2, 3)))
-
-
-def build_model(width, seed, device):
-    """The same initial weights for every arm of a seed."""
-    torch.manual_seed(seed)
-    return CifarResNet(width).to(device, memory_format=memory_format_for(device, width))
-
-
-#############################################
-# Schedule, PhaseController, PhaseScheduler #
-#############################################
-
-
-def base_lr_at(epoch, base_lr=BASE_LR, warmup_epochs=WARMUP_EPOCHS, epochs=EPOCHS):
-    """The shared schedule, constant within an epoch: linear warmup, then cosine to the end."""
-    if epoch < warmup_epochs:
-        return base_lr * (epoch + 1) / warmup_epochs
-    progress = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1)
-    return base_lr * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-PHASES = ("S0_EXPLORE", "S1_BOUNDARY", "S2_AXIS_LOCK", "S3_POLISH")
-S0_EXPLORE, S1_BOUNDARY, S2_AXIS_LOCK, S3_POLISH = PHASES
-
-# The one phase -> (LR multiplier, gradient accumulation) table: what each phase asks of the next
-# epoch. A name stands for the controller's setting of that name.
-PHASE_ACTIONS = {
-    S0_EXPLORE: (1.0, 1),
-    S1_BOUNDARY: ("lr_pulse", 1),
-    S2_AXIS_LOCK: (0.5, "grad_accum"),
-    S3_POLISH: (0.1, "grad_accum"),
-}
-
-
-def loss_slope(losses, window=DL_WINDOW, mode=DL_MODE):
-    """dL: the mean of the last min(window, n-1) first differences of a loss curve; 0 before two.
-    mode "relative" divides it by the latest loss."""
-    n = len(losses)
-    if n < 2:
-        return 0.0
-    w = min(window, n - 1)
-    slope = (losses[-1] - losses[-1 - w]) / w
-    return slope / losses[-1] if mode == "relative" else slope
-
-
-def require_number(name, value):
-    """value as a float: a Python, numpy or one-element torch number, never a bool or a string."""
-    if not isinstance(value, bool | np.bool_ | str | bytes | None):
-        try:
-            return float(value)
-        except (TypeError, ValueError, RuntimeError):
-            pass
-    raise TypeError(f"{name} must be a number, got {value!r}")
-
-
-class Recommendation(NamedTuple):
-    lr_mult: float  # multiplies the base schedule's LR; never compounds
-    grad_accum: int  # micro-batches per optimizer step
-
-
-class PhaseController:
-    """Detects training phases from the per-epoch training loss and recommends LR and accumulation.
-
-    Call observe(train_loss, eval_loss) once per epoch; it returns the Recommendation for the
-    next epoch. At most one transition per call, decided by the phase held when the call starts:
-
-        S0_EXPLORE   -> S1_BOUNDARY   when at least 3 losses are seen and dL < s1_threshold
-        S1_BOUNDARY  -> S2_AXIS_LOCK  when |dL| < s2_threshold
-        S2_AXIS_LOCK -> S3_POLISH     after s3_patience eval losses in S2 (not counting the call
-                                      that entered it) without beating the best by 1e-4
-        S3_POLISH is final.
-
-    slope="absolute" (the original) takes dL in loss units per epoch, so the thresholds mean
-    different things at a loss of 2.0 and of 0.05; slope="relative" divides dL by the latest
-    training loss, so the thresholds are fractions of the loss per epoch and transfer between
-    tasks and loss scales.
-
-    Like torch's ReduceLROnPlateau, all state (settings and counters) is in state_dict().
-    """
-
-    def __init__(
-        self,
-        s1_threshold=S1_THRESHOLD,
-        s2_threshold=S2_THRESHOLD,
-        lr_pulse=LR_PULSE,
-        grad_accum=GRAD_ACCUM,
-        s3_patience=S3_PATIENCE,
-        window=DL_WINDOW,
-        slope=DL_MODE,
-    ):
-        if slope not in ("absolute", "relative"):
-            raise ValueError(f"slope must be 'absolute' or 'relative', got {slope!r}")
-        for name, value in (("s1_threshold", s1_threshold), ("s2_threshold", s2_threshold), ("lr_pulse", lr_pulse)):
-            require_number(name, value)
-        if not math.isfinite(s1_threshold):
-            raise ValueError(f"s1_threshold must be finite, got {s1_threshold}")
-        if not s2_threshold >= 0 or not math.isfinite(s2_threshold):
-            raise ValueError(f"s2_threshold must be >= 0, got {s2_threshold}")
-        if not lr_pulse > 0 or not math.isfinite(lr_pulse):
-            raise ValueError(f"lr_pulse must be > 0, got {lr_pulse}")
-        for name, value in (("grad_accum", grad_accum), ("s3_patience", s3_patience), ("window", window)):
-            if require_number(name, value) != value or int(value) != value or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value}")
-        self.s1_threshold = float(s1_threshold)
-        self.s2_threshold = float(s2_threshold)
-        self.lr_pulse = float(lr_pulse)
-        self.grad_accum = int(grad_accum)
-        self.s3_patience = int(s3_patience)
-        self.window = int(window)
-        self.slope = slope
-        self.losses = []  # every training loss observed
-        self.dL = 0.0
-        self.phase = S0_EXPLORE
-        self.best_eval = math.inf  # best eval loss seen in S2
-        self.stale = 0  # evaluations in S2 since the best improved
-        self.transitions = []  # human-readable, one line per transition
-        self.transition_epochs = {}  # {"S1": epoch, ...}, the 0-based epoch that caused it
-
-    def __repr__(self):
-        settings = ", ".join(f"{k}={getattr(self, k)!r}" for k in CONTROLLER_SETTINGS)
-        return f"PhaseController(phase={self.phase}, dL={self.dL:+.5f}, epochs_seen={len(self.losses)}, {settings})"
-
-    def recommendation(self):
-        """What the current phase asks of the next epoch, from PHASE_ACTIONS."""
-        lr_mult, grad_accum = (
-            getattr(self, value) if isinstance(value, str) else value for value in PHASE_ACTIONS[self.phase]
-        )
-        return Recommendation(lr_mult, grad_accum)
-
-    def observe(self, train_loss, eval_loss=None):
-        """Take one epoch's mean training loss (and eval loss); return the next epoch's Recommendation."""
-        train_loss = require_number("train_loss", train_loss)
-        if not math.isfinite(train_loss):
-            raise ValueError(f"train_loss must be finite, got {train_loss}")
-        if eval_loss is not None and not math.isfinite(require_number("eval_loss", eval_loss)):
-            raise ValueError(f"eval_loss must be finite or None, got {eval_loss}")
-        if self.slope == "relative" and not train_loss > 0:
-            raise ValueError(f"a relative slope needs positive training losses, got {train_loss}")
-        self.losses.append(float(train_loss))
-        self.dL = loss_slope(self.losses, self.window, self.slope)
-        if self.phase == S0_EXPLORE and len(self.losses) >= 3 and self.dL < self.s1_threshold:
-            self._enter(S1_BOUNDARY, f"dL {self.dL:+.4f} < s1_threshold {self.s1_threshold:+.4f}")
-        elif self.phase == S1_BOUNDARY and abs(self.dL) < self.s2_threshold:
-            self._enter(S2_AXIS_LOCK, f"|dL| {abs(self.dL):.4f} < s2_threshold {self.s2_threshold:.4f}")
-        elif self.phase == S2_AXIS_LOCK and eval_loss is not None:
-            if eval_loss < self.best_eval - EVAL_MIN_DELTA:
-                self.best_eval, self.stale = float(eval_loss), 0
-            else:
-                self.stale += 1
-            if self.stale >= self.s3_patience:
-                self._enter(S3_POLISH, f"eval loss not below {self.best_eval:.4f} for {self.stale} evaluations")
-        return self.recommendation()
-
-    def _enter(self, phase, reason):
-        epoch = len(self.losses) - 1
-        self.transitions.append(f"epoch {epoch}: {self.phase} -> {phase} ({reason})")
-        self.transition_epochs[phase[:2]] = epoch
-        self.phase = phase
-
-    def state_dict(self):
-        return copy.deepcopy(self.__dict__)
-
-    def load_state_dict(self, state_dict):
-        missing = set(self.__dict__) - set(state_dict)
-        if missing:
-            raise KeyError(f"PhaseController state_dict lacks {sorted(missing)}")
-        self.__dict__.update(copy.deepcopy(state_dict))
-
-
-class PhaseScheduler(torch.optim.lr_scheduler.LRScheduler):
-    """A PhaseController's LR multiplier on top of any torch LR scheduler, never compounding.
-
-        scheduler = PhaseScheduler(optimizer, PhaseController(), base=OneCycleLR(optimizer, ...))
-        for epoch in range(epochs):
-            for batch in batches:
-                ...                       # forward, backward, optimizer.step() every grad_accum batches
-                scheduler.step()          # wherever you would step `base`: per batch or per epoch
-            lr_mult, grad_accum = scheduler.observe(train_loss, eval_loss)
-
-    After every call each param group's LR is the base scheduler's own, unscaled LR for that group
-    times the current multiplier: before each base step the unscaled LRs are put back, so
-    recursive schedulers (MultiStepLR, ExponentialLR) compute from their own values and
-    closed-form ones (LambdaLR, OneCycleLR) are not overwritten. base=None keeps the optimizer's
-    LRs at construction as a constant base. Without a controller the multiplier stays lr_mult and
-    observe() returns that fixed Recommendation(lr_mult, 1).
-
-    It is a torch LRScheduler, so frameworks that check for one (PyTorch Lightning) accept it, and
-    the inherited names keep torch's meaning: base_lrs are the LRs at construction (initial_lr),
-    last_epoch counts step() calls, get_last_lr() the LRs applied now. Constructing it sets the
-    multiplier on the optimizer's LRs and steps nothing, unlike torch's own schedulers.
-
-    Accumulation: with a per-batch base schedule, call step() after every micro-batch, also those
-    that end in no optimizer step. The base schedule then advances with the data seen, whatever
-    grad_accum the controller recommends, and ends where it would without accumulation; each
-    optimizer step uses the LR in force at its last micro-batch. (Stepping only with the
-    optimizer would stretch the schedule by grad_accum: it would not reach its end in time.)
-    """
-
-    def __init__(self, optimizer, controller=None, base=None, lr_mult=1.0):
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if controller is not None and not isinstance(controller, PhaseController):
-            raise TypeError(f"controller must be a PhaseController or None, got {type(controller).__name__}")
-        if base is not None and not callable(getattr(base, "step", None)):
-            raise TypeError(f"base must be a torch LR scheduler (with step()) or None, got {type(base).__name__}")
-        if controller is None and not (require_number("lr_mult", lr_mult) > 0 and math.isfinite(lr_mult)):
-            raise ValueError(f"lr_mult must be > 0, got {lr_mult}")
-        # Not LRScheduler.__init__: it would take a step at construction.
-        self.optimizer, self.controller, self.base = optimizer, controller, base
-        self.base_lrs = [group.setdefault("initial_lr", group["lr"]) for group in optimizer.param_groups]
-        self.last_epoch, self._step_count = 0, 1  # as torch's schedulers leave them after construction
-        self.fixed = Recommendation(float(lr_mult), 1)  # what observe() returns without a controller
-        self.lr_mult, self.grad_accum = controller.recommendation() if controller is not None else self.fixed
-        self.unscaled_lrs = [group["lr"] for group in optimizer.param_groups]  # the base scheduler's own
-        self._apply()
-
-    def __repr__(self):
-        base = "constant" if self.base is None else type(self.base).__name__
-        phase = None if self.controller is None else self.controller.phase
-        return (
-            f"PhaseScheduler(phase={phase}, lr_mult={self.lr_mult}, grad_accum={self.grad_accum}, "
-            f"last_lr={self.get_last_lr()}, base={base}, controller={self.controller!r})"
-        )
-
-    def _apply(self, lr_mult=None):
-        """Each group's LR: its unscaled LR times lr_mult (the current multiplier when None)."""
-        lr_mult = self.lr_mult if lr_mult is None else lr_mult
-        for group, unscaled in zip(self.optimizer.param_groups, self.unscaled_lrs, strict=True):
-            group["lr"] = unscaled * lr_mult
-        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
-
-    def step(self, *args, **kwargs):
-        """Advance the base scheduler (arguments pass through, e.g. ReduceLROnPlateau's metric)."""
-        if self.base is not None:
-            self._apply(1.0)  # the base steps from its own, unscaled LRs
-            self.base.step(*args, **kwargs)
-            self.unscaled_lrs = [group["lr"] for group in self.optimizer.param_groups]
-        self.last_epoch += 1
-        self._step_count += 1
-        self._apply()
-
-    def observe(self, train_loss, eval_loss=None):
-        """One epoch's losses to the controller; its multiplier applies from the next optimizer step."""
-        if self.controller is None:
-            return self.fixed
-        recommendation = self.controller.observe(train_loss, eval_loss)
-        self.lr_mult, self.grad_accum = recommendation
-        self._apply()
-        return recommendation
-
-    def get_lr(self):
-        """The LRs in force: the base's unscaled LRs times the current multiplier."""
-        return [unscaled * self.lr_mult for unscaled in self.unscaled_lrs]
-
-    def get_last_lr(self):
-        """The LRs applied now, one per param group (the base's times the multiplier)."""
-        return list(self._last_lr)
-
-    def state_dict(self):
-        return {
-            "base": None if self.base is None else self.base.state_dict(),
-            "controller": None if self.controller is None else self.controller.state_dict(),
-            "lr_mult": self.lr_mult,
-            "grad_accum": self.grad_accum,
-            "unscaled_lrs": list(self.unscaled_lrs),
-            "base_lrs": list(self.base_lrs),
-            "last_epoch": self.last_epoch,
-        }
-
-    def load_state_dict(self, state_dict):
-        if self.base is not None:
-            self.base.load_state_dict(state_dict["base"])
-        if self.controller is not None:
-            self.controller.load_state_dict(state_dict["controller"])
-        self.lr_mult, self.grad_accum = state_dict["lr_mult"], state_dict["grad_accum"]
-        if "unscaled_lrs" in state_dict:
-            self.unscaled_lrs = list(state_dict["unscaled_lrs"])
-            self.base_lrs, self.last_epoch = list(state_dict["base_lrs"]), state_dict["last_epoch"]
-        else:  # saved before this was an LRScheduler: "base_lrs" held the unscaled LRs
-            self.unscaled_lrs = list(state_dict["base_lrs"])
-            self.last_epoch = self.base.last_epoch if self.base is not None else 0
-        self._step_count = self.last_epoch + 1
-        self._apply()
-
-
-# Each PhaseController keyword and the config key (the flag's name) that sets it.
-CONTROLLER_SETTINGS = {
-    "s1_threshold": "s1_threshold", "s2_threshold": "s2_threshold", "lr_pulse": "lr_pulse",
-    "grad_accum": "grad_accum", "s3_patience": "s3_patience", "window": "dl_window", "slope": "dl_mode",
-}  # fmt: skip
-
-
-def controller_from_config(config):
-    return PhaseController(**{keyword: config[key] for keyword, key in CONTROLLER_SETTINGS.items()})
-
-
-#############################################
-#        Training: one loop, every arm      #
+#       Training: one loop, every arm       #
 #############################################
 
 
@@ -820,7 +834,7 @@ def set_up_backends():
     torch.backends.cuda.matmul.allow_tf32 = False
 
 
-def train_epoch(model, optimizer, batches, grad_accum, autocast):
+def train_epoch(model, optimizer, batches, accumulation, autocast):
     """One pass over batches; returns (mean per-sample loss, accuracy %, optimizer steps), the sums
     read from the device once.
 
@@ -839,7 +853,7 @@ def train_epoch(model, optimizer, batches, grad_accum, autocast):
             loss = F.cross_entropy(logits, labels, reduction="sum")
         loss.backward()
         in_window, window_samples = in_window + 1, window_samples + len(labels)
-        if in_window == grad_accum:
+        if in_window == accumulation:
             step_on_window_mean(optimizer, params, window_samples)
             steps, in_window, window_samples = steps + 1, 0, 0
         # Device-side running sums: no host sync per step.
@@ -915,6 +929,48 @@ ARMS = (BASELINE, PHASE_AWARE, CONTROL) = ("baseline", "phase_aware", "control")
 METRICS = ("best_acc", "final_acc")
 
 
+def run_arm(run, name, controller=None, lr_mult=1.0):
+    """Train one arm of a seed; the controller (or a constant lr_mult) is all that differs between arms.
+
+    After every epoch the whole state is checkpointed atomically, so --resume continues from the
+    last completed epoch exactly as if never interrupted. A non-finite loss stops the arm.
+    """
+    model, optimizer, scheduler = build_arm(run, controller, lr_mult)
+    arm, start = restore_arm(run, name, model, optimizer, scheduler) or (new_arm(controller, lr_mult), 0)
+    epochs = run.config["epochs"]
+    if arm["status"] != "ok":  # it diverged before an interruption: nothing left to train
+        run.progress.skip(epochs - start)
+        start = epochs
+    for epoch in range(start, epochs):
+        # The mechanism, one epoch: train at the multiplier and accumulation in force (the base
+        # LR times lr_mult, accumulation micro-batches per step), observe the epoch's losses, and
+        # the recommendation applies from the next epoch on. Arms without a controller observe too:
+        # their recommendation is the fixed one.
+        lr, lr_mult, accumulation = scheduler.get_last_lr()[0], scheduler.lr_mult, scheduler.accumulation
+        row = train_and_evaluate(run, model, optimizer, name, epoch, accumulation)
+        arm["time_seconds"] += row["train_seconds"] + row["eval_seconds"]
+        if not stop_if_diverged(run, name, arm, epoch, row):
+            scheduler.observe(row["train_loss"], row.get("val_loss", row["eval_loss"]))
+            record_epoch(run, name, arm, epoch, row | {"lr": lr}, controller, lr_mult, accumulation)
+        scheduler.step()  # the next epoch's base LR
+        save_checkpoint(run, name, model, optimizer, scheduler, arm, epoch + 1)
+        if arm["status"] != "ok":
+            break
+    return finish_arm(arm, controller, selected_by="val_acc" if run.val is not None else "eval_acc")
+
+
+def build_arm(run, controller, lr_mult):
+    """Model, optimizer and PhaseScheduler of an arm: the same initial weights for every arm of a seed."""
+    model = build_model(run.config["width"], run.seed, run.device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    # The optimizer's LR is 1.0, so LambdaLR's factor is the LR itself: exactly base_lr_at.
+    cfg = run.config
+    base = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda epoch: base_lr_at(epoch, cfg["base_lr"], cfg["warmup_epochs"], cfg["epochs"])
+    )
+    return model, optimizer, PhaseScheduler(optimizer, controller, base=base, lr_mult=lr_mult)
+
+
 def new_arm(controller, lr_mult):
     keys = ["train_loss", "train_acc", "eval_loss", "eval_acc", "lr", "steps", "train_seconds", "eval_seconds"]
     arm = {"status": "ok", "time_seconds": 0.0}
@@ -926,68 +982,17 @@ def new_arm(controller, lr_mult):
     return arm
 
 
-def base_schedule(optimizer, config):
-    """The shared warmup+cosine schedule as a torch scheduler stepped once per epoch. The optimizer
-    is built with LR 1.0, so LambdaLR's factor is the LR itself: exactly base_lr_at."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda epoch: base_lr_at(epoch, config["base_lr"], config["warmup_epochs"], config["epochs"])
-    )
-
-
-def run_arm(run, name, controller=None, lr_mult=1.0):
-    """Train one arm of a seed; the controller (or a constant lr_mult) is all that differs between arms.
-
-    After every epoch the whole state is checkpointed atomically, so --resume continues from the
-    last completed epoch exactly as if never interrupted. A non-finite loss stops the arm.
-    """
-    epochs = run.config["epochs"]
-    model = build_model(run.config["width"], run.seed, run.device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    scheduler = PhaseScheduler(optimizer, controller, base=base_schedule(optimizer, run.config), lr_mult=lr_mult)
-    arm, start = restore_arm(run, name, model, optimizer, scheduler) or (new_arm(controller, lr_mult), 0)
-    if arm["status"] != "ok":  # it diverged before the interruption: nothing left to train
-        run.progress.skip(epochs - start)
-        start = epochs
-    for epoch in range(start, epochs):
-        applied = {"lr": scheduler.get_last_lr()[0], "lr_mult": scheduler.lr_mult, "grad_accum": scheduler.grad_accum}
-        row = train_and_evaluate(run, model, optimizer, f"seed {run.seed} {name:<11}", epoch, applied["grad_accum"])
-        row["lr"] = applied["lr"]
-        arm["time_seconds"] += row["train_seconds"] + row["eval_seconds"]
-        diverged = [
-            f"{k} {row[k]}" for k in ("train_loss", "eval_loss", "val_loss") if not math.isfinite(row.get(k, 0))
-        ]
-        if diverged:
-            arm.update(status="diverged", diverged_epoch=epoch, diverged_reason=", ".join(diverged))
-            print(f"seed {run.seed} {name}: DIVERGED at epoch {epoch} ({arm['diverged_reason']}); arm stopped")
-            run.progress.skip(epochs - epoch)
-        else:
-            if controller is not None:
-                # lr_mult and grad_accum as applied in this epoch; phase and dL after observing it.
-                row.update(lr_mult=applied["lr_mult"], grad_accum=applied["grad_accum"])
-                scheduler.observe(row["train_loss"], row.get("val_loss", row["eval_loss"]))
-                row.update(phase=controller.phase, dL=controller.dL)
-            for key, value in row.items():
-                arm["per_epoch"].setdefault(key, []).append(value)
-            log_epoch(run, name, epoch, row, run.progress.tick(row["train_seconds"] + row["eval_seconds"]))
-        scheduler.step()  # the next epoch's base LR
-        save_checkpoint(run, name, model, optimizer, scheduler, arm, epoch + 1)
-        if diverged:
-            break
-    if controller is not None:
-        arm["transitions"] = list(controller.transitions)
-        arm["transition_epochs"] = dict(controller.transition_epochs)
-    return finish_arm(arm, selected_by="val_acc" if run.val is not None else "eval_acc")
-
-
-def train_and_evaluate(run, model, optimizer, label, epoch, grad_accum):
+def train_and_evaluate(run, model, optimizer, name, epoch, accumulation):
     """One epoch of training at the optimizer's LR, then evaluation: the epoch's row of per_epoch values."""
     t0 = time.perf_counter()
     batch_size = run.config["batch_size"]
     batches = run.train.train_batches(batch_size, run.seed, epoch)
     total = math.ceil(len(run.train) / batch_size)
-    batches = show_batches(batches, total, f"{label} epoch {epoch + 1:>3}/{run.config['epochs']}")
+    batches = show_batches(batches, total, f"seed {run.seed} {name:<11} epoch {epoch + 1:>3}/{run.config['epochs']}")
     row = {}
-    row["train_loss"], row["train_acc"], row["steps"] = train_epoch(model, optimizer, batches, grad_accum, run.autocast)
+    row["train_loss"], row["train_acc"], row["steps"] = train_epoch(
+        model, optimizer, batches, accumulation, run.autocast
+    )
     t1 = time.perf_counter()
     if math.isfinite(row["train_loss"]):  # a diverged model is not worth evaluating
         row["eval_loss"], row["eval_acc"] = evaluate(model, run.test, run.autocast)
@@ -995,6 +1000,40 @@ def train_and_evaluate(run, model, optimizer, label, epoch, grad_accum):
             row["val_loss"], row["val_acc"] = evaluate(model, run.val, run.autocast)
     row.update(train_seconds=t1 - t0, eval_seconds=time.perf_counter() - t1)
     return row
+
+
+def stop_if_diverged(run, name, arm, epoch, row):
+    """Whether the epoch's losses are non-finite; if so the arm is marked diverged and stops."""
+    diverged = [f"{k} {row[k]}" for k in ("train_loss", "eval_loss", "val_loss") if not math.isfinite(row.get(k, 0))]
+    if diverged:
+        arm.update(status="diverged", diverged_epoch=epoch, diverged_reason=", ".join(diverged))
+        print(f"seed {run.seed} {name}: DIVERGED at epoch {epoch} ({arm['diverged_reason']}); arm stopped")
+        run.progress.skip(run.config["epochs"] - epoch)
+    return bool(diverged)
+
+
+def record_epoch(run, name, arm, epoch, row, controller, lr_mult, accumulation):
+    """The epoch's row into the arm's per_epoch lists, and its log line. The phase arm adds the
+    multiplier and accumulation applied in the epoch, and its phase and dL after observing it."""
+    if controller is not None:
+        row.update(lr_mult=lr_mult, grad_accum=accumulation, phase=controller.phase, dL=controller.dL)
+    for key, value in row.items():
+        arm["per_epoch"].setdefault(key, []).append(value)
+    log_epoch(run, name, epoch, row, run.progress.tick(row["train_seconds"] + row["eval_seconds"]))
+
+
+def log_epoch(run, name, epoch, row, eta):
+    line = (
+        f"seed {run.seed} {name:<11} epoch {epoch + 1:>3}/{run.config['epochs']}"
+        f"  train {row['train_loss']:.4f}  eval {row['eval_loss']:.4f}  acc {row['eval_acc']:6.2f}%"
+    )
+    if "val_acc" in row:
+        line += f"  val {row['val_loss']:.4f} {row['val_acc']:6.2f}%"
+    line += f"  lr {row['lr']:.5f}"
+    if "phase" in row:
+        line += f"  {row['phase']} accum {row['grad_accum']}"
+    seconds = row["train_seconds"] + row["eval_seconds"]
+    print(f"{line}  {seconds:.1f}s  ETA {eta}")
 
 
 def show_batches(batches, total, label, stream=None):
@@ -1061,9 +1100,13 @@ def save_checkpoint(run, name, model, optimizer, scheduler, arm, next_epoch):
     write_atomically(run.checkpoint_path(name), lambda tmp: torch.save(state, tmp))
 
 
-def finish_arm(arm, selected_by):
-    """Best and final test accuracy. Best is the test accuracy at the epoch with the best
-    selection metric: the test accuracy itself by default, validation accuracy with --val-size."""
+def finish_arm(arm, controller, selected_by):
+    """Best and final test accuracy, and the phase arm's transitions. Best is the test accuracy at
+    the epoch with the best selection metric: the test accuracy itself by default, validation
+    accuracy with --val-size."""
+    if controller is not None:
+        arm["transitions"] = list(controller.transitions)
+        arm["transition_epochs"] = dict(controller.transition_epochs)
     log = arm["per_epoch"]
     if log["eval_acc"]:
         best = int(np.argmax(log[selected_by]))  # the earliest epoch among ties
@@ -1072,20 +1115,6 @@ def finish_arm(arm, selected_by):
         arm.update(best_acc=None, best_epoch=None, final_acc=None)
     arm["selected_by"] = "validation" if selected_by == "val_acc" else "test"
     return arm
-
-
-def log_epoch(run, name, epoch, row, eta):
-    line = (
-        f"seed {run.seed} {name:<11} epoch {epoch + 1:>3}/{run.config['epochs']}"
-        f"  train {row['train_loss']:.4f}  eval {row['eval_loss']:.4f}  acc {row['eval_acc']:6.2f}%"
-    )
-    if "val_acc" in row:
-        line += f"  val {row['val_loss']:.4f} {row['val_acc']:6.2f}%"
-    line += f"  lr {row['lr']:.5f}"
-    if "phase" in row:
-        line += f"  {row['phase']} accum {row['grad_accum']}"
-    seconds = row["train_seconds"] + row["eval_seconds"]
-    print(f"{line}  {seconds:.1f}s  ETA {eta}")
 
 
 def matched_lr_mult(phase_arm, config):
@@ -1113,7 +1142,7 @@ def run_control(run, phase_arm):
         arm.update(status="not_run", reason=f"phase_aware {phase_arm['status']} at epoch {phase_arm['diverged_epoch']}")
         print(f"seed {run.seed} control: not run ({arm['reason']}; the matched constant needs its whole schedule)")
         run.progress.skip(run.config["epochs"])
-        return finish_arm(arm, selected_by="eval_acc")
+        return finish_arm(arm, None, selected_by="eval_acc")
     return run_arm(run, CONTROL, lr_mult=matched_lr_mult(phase_arm, run.config))
 
 
@@ -1172,7 +1201,7 @@ def fmt_acc(value, sign=""):
 
 
 #############################################
-#        Statistics and the summary         #
+#         Statistics and the summary        #
 #############################################
 
 BOOTSTRAP_RESAMPLES = 10_000
@@ -1299,7 +1328,7 @@ def build_summary(results):
 
 
 #############################################
-#     The seed's success criteria, checked  #
+#    The seed's success criteria, checked   #
 #############################################
 
 # What a successful reproduction shows, as the original project states it: a positive mean delta
@@ -1552,7 +1581,7 @@ def describe_data(cfg):
 
 
 #############################################
-#        Replay: phases of a logged run     #
+#       Replay: phases of a logged run      #
 #############################################
 
 
@@ -1651,16 +1680,16 @@ def read_json_losses(data):
     return LossLog(train, eval_losses, phases, data["config"])
 
 
-def replay(args):
-    check_output_dir(args.output_dir)
-    log, cfg = read_loss_log(args.replay), vars(args)
+def replay(config):
+    check_output_dir(config["output_dir"])
+    log, cfg = read_loss_log(config["replay"]), config
     controller = controller_from_config(cfg)
     at = next((e for e, loss in enumerate(log.train) if loss <= 0), None)
     if cfg["dl_mode"] == "relative" and at is not None:
         raise UserError(
-            f"--replay {args.replay}: --dl-mode relative needs positive losses; epoch {at} has {log.train[at]}"
+            f"--replay {config['replay']}: --dl-mode relative needs positive losses; epoch {at} has {log.train[at]}"
         )
-    print(f"replaying {len(log.train)} epochs of {args.replay}")
+    print(f"replaying {len(log.train)} epochs of {config['replay']}")
     print("epoch  train_loss  eval_loss        dL  phase          next lr_mult  next accum")
     rows = []
     for epoch, loss in enumerate(log.train):
@@ -1687,22 +1716,22 @@ def replay(args):
         if not mismatched:
             print("matches the phases recorded in the file")
         else:
-            recorded = {k: log.config.get(k, RUN_KEY_DEFAULTS.get(k)) for k in CONTROLLER_SETTINGS.values()}
+            recorded = {k: log.config.get(k, RUN_KEY_DEFAULTS.get(k)) for k in CONTROLLER_SETTINGS}
             used = [f"--{k.replace('_', '-')} {v}" for k, v in recorded.items() if v != cfg[k]]
             hint = f"; the run used {' '.join(used)}" if used else ""
             print(f"differs from the recorded phases at epochs {mismatched}{hint}")
-    stem = Path(args.replay).stem
-    out = Path(args.output_dir)
+    stem = Path(config["replay"]).stem
+    out = Path(config["output_dir"])
     replay_result = {
-        "source": str(args.replay),
-        "controller": {key: cfg[key] for key in CONTROLLER_SETTINGS.values()},
+        "source": str(config["replay"]),
+        "controller": {key: cfg[key] for key in CONTROLLER_SETTINGS},
         "per_epoch": rows,
         "transitions": controller.transitions,
         "transition_epochs": controller.transition_epochs,
     }
     make_output_dir(out)
     write_json(out / f"replay_{stem}.json", replay_result)
-    plot_replay(rows, controller, out / f"replay_{stem}.png", title=str(args.replay))
+    plot_replay(rows, controller, out / f"replay_{stem}.png", title=str(config["replay"]))
     print(f"wrote {out / f'replay_{stem}.json'} and {out / f'replay_{stem}.png'}")
     return 0
 
@@ -1859,37 +1888,49 @@ def parse_seeds(text):
     return seeds
 
 
-def check_args(args):
+def parse_command_line(argv):
+    """The run's settings as one dict, each under its flag's name with underscores, checked and
+    resolved. This dict drives the run; with what the run resolves, it is each results file's config."""
+    config = vars(build_parser().parse_args(argv))
+    check_config(config)
+    return config
+
+
+def check_config(config):
     """Every argument rule, before anything is written; resolves the defaults that depend on others."""
-    if args.seed is not None and (args.multi_seed or args.seeds is not None):
+    if config["seed"] is not None and (config["multi_seed"] or config["seeds"] is not None):
         raise UserError("--seed runs one seed, --multi-seed/--seeds several: pass one or the other")
-    args.multi_seed = args.multi_seed or args.seeds is not None
-    args.seed = SEED if args.seed is None else args.seed
-    args.seeds = SEEDS if args.seeds is None else args.seeds
-    if args.warmup_epochs is None:  # short smoke runs keep at least one epoch after the warmup
-        args.warmup_epochs = min(WARMUP_EPOCHS, max(args.epochs - 1, 0))
+    config["multi_seed"] = config["multi_seed"] or config["seeds"] is not None
+    config["seed"] = SEED if config["seed"] is None else config["seed"]
+    config["seeds"] = SEEDS if config["seeds"] is None else config["seeds"]
+    if config["warmup_epochs"] is None:  # short smoke runs keep at least one epoch after the warmup
+        config["warmup_epochs"] = min(WARMUP_EPOCHS, max(config["epochs"] - 1, 0))
     rules = [
-        (args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}"),
+        (config["epochs"] >= 1, f"--epochs must be >= 1, got {config['epochs']}"),
         (
-            0 <= args.warmup_epochs < args.epochs,
-            f"--warmup-epochs must be >= 0 and < --epochs ({args.epochs}), got {args.warmup_epochs}: "
-            f"pass --warmup-epochs {max(args.epochs - 1, 0)} or less",
+            0 <= config["warmup_epochs"] < config["epochs"],
+            f"--warmup-epochs must be >= 0 and < --epochs ({config['epochs']}), got {config['warmup_epochs']}: "
+            f"pass --warmup-epochs {max(config['epochs'] - 1, 0)} or less",
         ),
-        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
-        (args.width >= 1, f"--width must be >= 1, got {args.width}"),
-        (args.subset >= 0, f"--subset must be >= 0, got {args.subset}"),
-        (args.val_size >= 0, f"--val-size must be >= 0, got {args.val_size}"),
-        (args.base_lr > 0 and math.isfinite(args.base_lr), f"--base-lr must be > 0, got {args.base_lr}"),
+        (config["batch_size"] >= 1, f"--batch-size must be >= 1, got {config['batch_size']}"),
+        (config["width"] >= 1, f"--width must be >= 1, got {config['width']}"),
+        (config["subset"] >= 0, f"--subset must be >= 0, got {config['subset']}"),
+        (config["val_size"] >= 0, f"--val-size must be >= 0, got {config['val_size']}"),
+        (config["base_lr"] > 0 and math.isfinite(config["base_lr"]), f"--base-lr must be > 0, got {config['base_lr']}"),
     ]
     for ok, message in rules:
         if not ok:
             raise UserError(message)
     try:  # the controller's settings: PhaseController's own checks, reported under the flags' names
-        controller_from_config(vars(args))
+        controller_from_config(config)
     except ValueError as e:
-        keyword, rest = str(e).split(" ", 1)
-        raise UserError(f"--{CONTROLLER_SETTINGS[keyword].replace('_', '-')} {rest}") from None
-    args.seed_list = parse_seeds(args.seeds) if args.multi_seed else [args.seed]
+        key, rest = str(e).split(" ", 1)
+        raise UserError(f"--{key.replace('_', '-')} {rest}") from None
+    parse_seeds(config["seeds"])
+
+
+def seeds_to_run(config):
+    return parse_seeds(config["seeds"]) if config["multi_seed"] else [config["seed"]]
 
 
 def pick_device(name, local_rank=0, local_world=1):
@@ -1971,21 +2012,21 @@ def seed_lock(output_dir, seed):
         handle.close()
 
 
-def run_config(args, seed, device, precision, data, train_size):
-    """The results file's config: every setting under its flag's name, plus what was resolved."""
-    modes = {"resume", "summarize", "replay", "seed_list"}  # how to run, not what is computed
-    config = {k: v for k, v in vars(args).items() if k not in modes}
-    config.update(
+def seed_config(config, seed, device, precision, data, train_size):
+    """The results file's config: the run's settings, plus what was resolved for this seed."""
+    modes = {"resume", "summarize", "replay"}  # how to run, not what is computed
+    resolved = {k: v for k, v in config.items() if k not in modes}
+    resolved.update(
         seed=seed, device=str(device), precision=precision, momentum=MOMENTUM,
-        memory_format=str(memory_format_for(device, args.width)).removeprefix("torch."),
+        memory_format=str(memory_format_for(device, config["width"])).removeprefix("torch."),
         weight_decay=WEIGHT_DECAY, torch_version=str(torch.__version__),
         tf32=torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32,  # as set_up_backends left it
-        model_params=sum(p.numel() for p in CifarResNet(args.width).parameters()),
+        model_params=sum(p.numel() for p in CifarResNet(config["width"]).parameters()),
         train_size=train_size, test_size=len(data.test_y),
     )  # fmt: skip
-    if args.dataset == "synthetic":
-        config["data_dir"] = None
-    return config
+    if config["dataset"] == "synthetic":
+        resolved["data_dir"] = None
+    return resolved
 
 
 def run_identity(config):
@@ -2038,25 +2079,25 @@ class SeedPlan(NamedTuple):
     config: dict
 
 
-def plan_seed(args, seed, device, precision):
-    data = synthetic_dataset(seed) if args.dataset == "synthetic" else cifar10_dataset(args.data_dir)
-    train_idx, val_idx = split_indices(len(data.train_y), args.subset, args.val_size)
-    return SeedPlan(data, train_idx, val_idx, run_config(args, seed, device, precision, data, len(train_idx)))
+def plan_seed(config, seed, device, precision):
+    data = synthetic_dataset(seed) if config["dataset"] == "synthetic" else cifar10_dataset(config["data_dir"])
+    train_idx, val_idx = split_indices(len(data.train_y), config["subset"], config["val_size"])
+    return SeedPlan(data, train_idx, val_idx, seed_config(config, seed, device, precision, data, len(train_idx)))
 
 
-def start_seed_run(args, seed, plan, device, output_dir, progress):
+def start_seed_run(config, seed, plan, device, output_dir, progress):
     """The seed's splits moved onto the device, in the layout the model uses there."""
-    layout = memory_format_for(device, args.width)
+    layout = memory_format_for(device, config["width"])
 
     def split(images, labels):
         return DeviceSplit(images, labels, device, layout)
 
     data = plan.data
     return SeedRun(
-        seed=seed, config=plan.config, device=device, output_dir=output_dir, resume=args.resume,
+        seed=seed, config=plan.config, device=device, output_dir=output_dir, resume=config["resume"],
         train=split(data.train_x[plan.train_idx], data.train_y[plan.train_idx]),
         test=split(data.test_x, data.test_y),
-        val=split(data.train_x[plan.val_idx], data.train_y[plan.val_idx]) if args.val_size else None,
+        val=split(data.train_x[plan.val_idx], data.train_y[plan.val_idx]) if config["val_size"] else None,
         progress=progress,
     )  # fmt: skip
 
@@ -2069,39 +2110,55 @@ def distributed_env():
     return rank, world, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
 
 
-def run_training(args):
-    set_up_backends()
-    rank, world, local_rank, local_world = distributed_env()
-    device = pick_device(args.device, local_rank, local_world)
-    if args.bf16 == "on" and device.type == "mps":
-        raise UserError("--bf16 on is not supported on MPS here")
-    precision = "bf16-autocast" if args.bf16 == "on" or (args.bf16 == "auto" and native_bf16(device)) else "fp32"
-    output_dir = check_output_dir(args.output_dir)
-    if world > 1:
-        # Only collectives of small Python objects are needed: gloo serves them on any device.
-        dist.init_process_group("gloo", timeout=timedelta(days=7))  # seeds may run for days
-        if args.dataset == "cifar10":  # one rank prepares the data folder, the others then read it
-            if rank == 0:
-                prepare_cifar10(args.data_dir)
-            dist.barrier()
-    my_seeds = args.seed_list[rank::world]
-    arms = 3 if args.control == "lr-matched" else 2
-    progress = Progress(len(my_seeds) * arms * args.epochs)
-    # Fail fast: data, splits and resumability of every seed are checked before anything is written.
-    plans = {seed: plan_seed(args, seed, device, precision) for seed in my_seeds}
-    finished = {seed for seed, plan in plans.items() if args.resume and check_resumable(seed, output_dir, plan.config)}
-    make_output_dir(output_dir)
-    args.started = True  # from here on an interrupt leaves something to resume
+class NothingToResume(KeyboardInterrupt):
+    """An interrupt before the first epoch: there is no checkpoint to continue from."""
+
+
+@contextmanager
+def nothing_to_resume_yet():
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise NothingToResume from None
+
+
+def run_training(config):
+    with nothing_to_resume_yet():
+        set_up_backends()
+        rank, world, local_rank, local_world = distributed_env()
+        device = pick_device(config["device"], local_rank, local_world)
+        if config["bf16"] == "on" and device.type == "mps":
+            raise UserError("--bf16 on is not supported on MPS here")
+        precision = (
+            "bf16-autocast" if config["bf16"] == "on" or (config["bf16"] == "auto" and native_bf16(device)) else "fp32"
+        )
+        output_dir = check_output_dir(config["output_dir"])
+        if world > 1:
+            # Only collectives of small Python objects are needed: gloo serves them on any device.
+            dist.init_process_group("gloo", timeout=timedelta(days=7))  # seeds may run for days
+            if config["dataset"] == "cifar10":  # one rank prepares the data folder, the others then read it
+                if rank == 0:
+                    prepare_cifar10(config["data_dir"])
+                dist.barrier()
+        my_seeds = seeds_to_run(config)[rank::world]
+        arms = 3 if config["control"] == "lr-matched" else 2
+        progress = Progress(len(my_seeds) * arms * config["epochs"])
+        # Fail fast: data, splits and resumability of every seed are checked before anything is written.
+        plans = {seed: plan_seed(config, seed, device, precision) for seed in my_seeds}
+        finished = {
+            seed for seed, plan in plans.items() if config["resume"] and check_resumable(seed, output_dir, plan.config)
+        }
+        make_output_dir(output_dir)
     with ExitStack() as locks:
         for seed in my_seeds:
             locks.enter_context(seed_lock(output_dir, seed))
-        diverged = train_seeds(args, plans, finished, device, precision, output_dir, progress)
+        diverged = train_seeds(config, plans, finished, device, precision, output_dir, progress)
     if world > 1:  # every rank learns every rank's divergences, so all agree on the exit code
         gathered = [None] * world
         dist.all_gather_object(gathered, diverged)
         diverged = [line for lines in gathered for line in lines]
-    if args.multi_seed and rank == 0:
-        write_summary(output_dir, args.seed_list)
+    if config["multi_seed"] and rank == 0:
+        write_summary(output_dir, seeds_to_run(config))
     if world > 1:
         # No rank exits before rank 0 has written the summary: torchrun stops every worker as soon
         # as one exits with an error.
@@ -2117,31 +2174,31 @@ def run_training(args):
     return 0
 
 
-def train_seeds(args, plans, finished, device, precision, output_dir, progress):
+def train_seeds(config, plans, finished, device, precision, output_dir, progress):
     """This process's seeds, their locks held; returns one line per diverged arm."""
-    arms = 3 if args.control == "lr-matched" else 2
+    arms = 3 if config["control"] == "lr-matched" else 2
     for seed in finished:
         finish_skipped_seed(seed, output_dir)
-        progress.skip(arms * args.epochs)
+        progress.skip(arms * config["epochs"])
     todo = {seed: plan for seed, plan in plans.items() if seed not in finished}
     for seed in todo:
         # Temp files a killed process left behind; the seed's lock makes this safe.
         stale = list(output_dir.glob(f".*_seed_{seed}[._]*.tmp-*"))
-        if not args.resume:
+        if not config["resume"]:
             stale += output_dir.glob(f"checkpoint_seed_{seed}_*.pt")
         for path in stale:
             path.unlink()
     rank, world, _, _ = distributed_env()
     where = f", rank {rank} of {world}" if world > 1 else ""
     print(
-        f"{describe_data(vars(args))}: {len(todo)} seed(s) to train on {device}"
-        f" ({precision}, {arms} arms, {args.epochs} epochs{where})"
+        f"{describe_data(config)}: {len(todo)} seed(s) to train on {device}"
+        f" ({precision}, {arms} arms, {config['epochs']} epochs{where})"
     )
-    if not args.val_size:
+    if not config["val_size"]:
         print("note: without --val-size the test split drives the controller and best-epoch selection")
     diverged = []
     for seed, plan in todo.items():
-        results = run_seed(start_seed_run(args, seed, plan, device, output_dir, progress))
+        results = run_seed(start_seed_run(config, seed, plan, device, output_dir, progress))
         diverged += [f"seed {seed} {arm} at epoch {results[arm]['diverged_epoch']}" for arm in ARMS
                      if arm in results and results[arm]["status"] == "diverged"]  # fmt: skip
     return diverged
@@ -2165,23 +2222,21 @@ def main(argv=None):
         sys.stdout.reconfigure(line_buffering=True)  # progress lines appear at once, also through a pipe
     # A cluster's preemption (SIGTERM) stops a run as cleanly as Ctrl-C does.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    args = None
     try:
-        args = build_parser().parse_args(argv)
-        check_args(args)
-        if args.summarize:
-            write_summary(args.summarize)
+        config = parse_command_line(argv)
+        if config["summarize"]:
+            write_summary(config["summarize"])
             return 0
-        if args.replay:
-            return replay(args)
-        return run_training(args)
+        if config["replay"]:
+            return replay(config)
+        return run_training(config)
     except UserError as e:
         print(f"phase_controller.py: error: {e}", file=sys.stderr)
         return 2
+    except NothingToResume:
+        print("\ninterrupted before training started; nothing to resume", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        if not getattr(args, "started", False):
-            print("\ninterrupted before training started; nothing to resume", file=sys.stderr)
-            return 130
         again = " ".join(
             shlex.quote(a)
             for a in ["python", "phase_controller.py", *argv, *([] if "--resume" in argv else ["--resume"])]

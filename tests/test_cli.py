@@ -60,27 +60,24 @@ def test_bad_argument_in_a_real_process_has_no_traceback(tmp_path):
 
 
 def test_zero_warmup_is_allowed():
-    args = pc.build_parser().parse_args(["--warmup-epochs", "0", "--epochs", "1"])
-    pc.check_args(args)
-    assert args.seed_list == [42]
+    config = pc.parse_command_line(["--warmup-epochs", "0", "--epochs", "1"])
+    assert pc.seeds_to_run(config) == [42]
 
 
 def parsed(argv):
-    args = pc.build_parser().parse_args(argv)
-    pc.check_args(args)
-    return args
+    return pc.parse_command_line(argv)
 
 
 def test_seeds_imply_multi_seed():
-    args = parsed(["--seeds", "1,2"])
-    assert args.multi_seed and args.seed_list == [1, 2]
-    assert parsed(["--multi-seed"]).seed_list == [42, 137, 2024]
-    assert parsed(["--seed", "7"]).seed_list == [7] and not parsed(["--seed", "7"]).multi_seed
+    config = parsed(["--seeds", "1,2"])
+    assert config["multi_seed"] and pc.seeds_to_run(config) == [1, 2]
+    assert pc.seeds_to_run(parsed(["--multi-seed"])) == [42, 137, 2024]
+    assert pc.seeds_to_run(parsed(["--seed", "7"])) == [7] and not parsed(["--seed", "7"])["multi_seed"]
 
 
 @pytest.mark.parametrize("epochs, warmup", [(1, 0), (2, 1), (3, 2), (30, 2)])
 def test_warmup_defaults_to_two_but_leaves_an_epoch_after_it(epochs, warmup):
-    assert parsed(["--epochs", str(epochs)]).warmup_epochs == warmup
+    assert parsed(["--epochs", str(epochs)])["warmup_epochs"] == warmup
 
 
 def test_one_epoch_smoke_run(tmp_path):

@@ -159,7 +159,7 @@ def test_recommendation_table_by_phase():
     for phase, rec in expected.items():
         ctl.phase = phase
         assert ctl.recommendation() == rec
-        assert ctl.recommendation().lr_mult == rec[0] and ctl.recommendation().grad_accum == rec[1]
+        assert ctl.recommendation().lr_mult == rec[0] and ctl.recommendation().accumulation == rec[1]
 
 
 def test_multipliers_never_compound():
@@ -241,8 +241,8 @@ def test_load_state_dict_refuses_incomplete_state():
         dict(lr_pulse=math.nan),
         dict(grad_accum=0),
         dict(s3_patience=0),
-        dict(window=0),
-        dict(window=1.5),
+        dict(dl_window=0),
+        dict(dl_window=1.5),
         dict(s1_threshold=math.inf),
     ],
 )

@@ -91,7 +91,7 @@ def test_lrs_are_the_base_schedulers_own_times_the_multiplier(name):
     ):
         assert lrs == pytest.approx([r * mult for r in ref], rel=1e-12), (point, lrs, ref, mult)
     assert scheduler.controller.phase == "S3_POLISH" and scheduler.lr_mult == AFTER_LAST
-    assert scheduler.grad_accum == 2
+    assert scheduler.accumulation == 2
 
 
 def test_without_a_base_the_lrs_at_construction_are_the_constant_base():
@@ -146,7 +146,7 @@ def test_state_dict_covers_base_controller_and_multiplier():
     scheduler = pc.PhaseScheduler(optimizer, controller(), base=SCHEDULERS["MultiStepLR"](optimizer))
     step_through(scheduler, optimizer, range(4))
     state = scheduler.state_dict()
-    assert state["lr_mult"] == 1.1 and state["grad_accum"] == 1
+    assert state["lr_mult"] == 1.1 and state["accumulation"] == 1
     assert state["controller"]["phase"] == "S1_BOUNDARY" and state["base"]["last_epoch"] == 16
     assert state["unscaled_lrs"] == pytest.approx([0.025, 0.005])  # 0.1 and 0.02, halved at steps 5 and 13
     assert state["base_lrs"] == [0.1, 0.02] and state["last_epoch"] == 16  # torch's meaning: initial LRs, steps
@@ -190,7 +190,7 @@ def test_reprs_show_phase_multiplier_and_accumulation():
         ctl.observe(loss)
     assert "phase=S1_BOUNDARY" in repr(ctl) and "s3_patience=1" in repr(ctl) and "lr_pulse=1.1" in repr(ctl)
     text = repr(pc.PhaseScheduler(two_groups(), ctl))
-    assert "phase=S1_BOUNDARY" in text and "lr_mult=1.1" in text and "grad_accum=1" in text
+    assert "phase=S1_BOUNDARY" in text and "lr_mult=1.1" in text and "accumulation=1" in text
 
 
 def test_without_a_controller_observe_returns_the_fixed_recommendation():
@@ -208,7 +208,7 @@ def test_without_a_controller_observe_returns_the_fixed_recommendation():
         (lambda: pc.PhaseScheduler(two_groups(), lr_mult="1.0"), "lr_mult must be a number"),
         (lambda: pc.PhaseController(s1_threshold="-0.02"), "s1_threshold must be a number"),
         (lambda: pc.PhaseController(grad_accum=2.5), "grad_accum must be an integer"),
-        (lambda: pc.PhaseController(window=True), "window must be a number"),
+        (lambda: pc.PhaseController(dl_window=True), "dl_window must be a number"),
         (lambda: pc.PhaseController().observe(True), "train_loss must be a number"),
         (lambda: pc.PhaseController().observe("2.3"), "train_loss must be a number"),
         (lambda: pc.PhaseController().observe(2.3, eval_loss=[1.0]), "eval_loss must be a number"),
@@ -231,7 +231,7 @@ def test_losses_may_be_numpy_or_torch_numbers():
 
 
 def test_relative_slope_divides_by_the_latest_loss():
-    ctl = pc.PhaseController(slope="relative")
+    ctl = pc.PhaseController(dl_mode="relative")
     for loss in (1.0, 0.9, 0.8):
         ctl.observe(loss)
     # (0.8 - 1.0) / 2 = -0.1 per epoch; -0.1 / 0.8 = -0.125 of the loss per epoch.
@@ -249,16 +249,16 @@ def test_relative_slope_divides_by_the_latest_loss():
     ],
 )
 def test_relative_slope_sees_a_small_loss_fall(slope, phases):
-    ctl = pc.PhaseController(slope=slope)
+    ctl = pc.PhaseController(dl_mode=slope)
     seen = [(ctl.observe(loss), ctl.phase)[1] for loss in (0.1, 0.09, 0.08, 0.0798)]
     assert seen == phases
 
 
 def test_relative_slope_refuses_non_positive_losses():
     with pytest.raises(ValueError, match="positive training losses"):
-        pc.PhaseController(slope="relative").observe(0.0)
-    with pytest.raises(ValueError, match="slope must be"):
-        pc.PhaseController(slope="percent")
+        pc.PhaseController(dl_mode="relative").observe(0.0)
+    with pytest.raises(ValueError, match="dl_mode must be"):
+        pc.PhaseController(dl_mode="percent")
 
 
 def test_replay_with_a_relative_slope(tmp_path):
