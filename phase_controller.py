@@ -1681,59 +1681,61 @@ def read_json_losses(data):
 
 
 def replay(config):
+    """--replay: the controller over a logged loss curve, printed, compared and written out."""
     check_output_dir(config["output_dir"])
-    log, cfg = read_loss_log(config["replay"]), config
-    controller = controller_from_config(cfg)
+    source = config["replay"]
+    log, controller = read_loss_log(source), controller_from_config(config)
     at = next((e for e, loss in enumerate(log.train) if loss <= 0), None)
-    if cfg["dl_mode"] == "relative" and at is not None:
-        raise UserError(
-            f"--replay {config['replay']}: --dl-mode relative needs positive losses; epoch {at} has {log.train[at]}"
-        )
-    print(f"replaying {len(log.train)} epochs of {config['replay']}")
-    print("epoch  train_loss  eval_loss        dL  phase          next lr_mult  next accum")
-    rows = []
-    for epoch, loss in enumerate(log.train):
-        eval_loss = log.eval[epoch] if log.eval else None
-        lr_mult, accum = controller.observe(loss, eval_loss)
-        phase = controller.phase
-        rows.append(
-            {
-                "epoch": epoch,
-                "train_loss": loss,
-                "eval_loss": eval_loss,
-                "dL": controller.dL,
-                "phase": phase,
-                "lr_mult": lr_mult,
-                "grad_accum": accum,
-            }
-        )
-        shown = "" if eval_loss is None else f"{eval_loss:.4f}"
-        print(f"{epoch:>5}  {loss:10.4f}  {shown:>9}  {controller.dL:+.5f}  {phase:<13}  {lr_mult:12.2f}  {accum:10d}")
-    for line in controller.transitions:
-        print(f"transition {line}")
+    if config["dl_mode"] == "relative" and at is not None:
+        raise UserError(f"--replay {source}: --dl-mode relative needs positive losses; epoch {at} has {log.train[at]}")
+    print(f"replaying {len(log.train)} epochs of {source}")
+    rows = replay_rows(log, controller)
     if log.phases is not None:
-        mismatched = [e for e, (row, phase) in enumerate(zip(rows, log.phases, strict=True)) if row["phase"] != phase]
-        if not mismatched:
-            print("matches the phases recorded in the file")
-        else:
-            recorded = {k: log.config.get(k, RUN_KEY_DEFAULTS.get(k)) for k in CONTROLLER_SETTINGS}
-            used = [f"--{k.replace('_', '-')} {v}" for k, v in recorded.items() if v != cfg[k]]
-            hint = f"; the run used {' '.join(used)}" if used else ""
-            print(f"differs from the recorded phases at epochs {mismatched}{hint}")
-    stem = Path(config["replay"]).stem
-    out = Path(config["output_dir"])
+        print(compare_with_recorded(rows, log, config))
+    out, stem = Path(config["output_dir"]), Path(source).stem
     replay_result = {
-        "source": str(config["replay"]),
-        "controller": {key: cfg[key] for key in CONTROLLER_SETTINGS},
+        "source": str(source),
+        "controller": {key: config[key] for key in CONTROLLER_SETTINGS},
         "per_epoch": rows,
         "transitions": controller.transitions,
         "transition_epochs": controller.transition_epochs,
     }
     make_output_dir(out)
     write_json(out / f"replay_{stem}.json", replay_result)
-    plot_replay(rows, controller, out / f"replay_{stem}.png", title=str(config["replay"]))
+    plot_replay(rows, controller, out / f"replay_{stem}.png", title=str(source))
     print(f"wrote {out / f'replay_{stem}.json'} and {out / f'replay_{stem}.png'}")
     return 0
+
+
+def replay_rows(log, controller):
+    """Observe every logged epoch, printing a table row each; the rows, then the transitions."""
+    print("epoch  train_loss  eval_loss        dL  phase          next lr_mult  next accum")
+    rows = []
+    for epoch, loss in enumerate(log.train):
+        eval_loss = log.eval[epoch] if log.eval else None
+        lr_mult, accumulation = controller.observe(loss, eval_loss)
+        row = {"epoch": epoch, "train_loss": loss, "eval_loss": eval_loss, "dL": controller.dL,
+               "phase": controller.phase, "lr_mult": lr_mult, "grad_accum": accumulation}  # fmt: skip
+        rows.append(row)
+        shown = "" if eval_loss is None else f"{eval_loss:.4f}"
+        print(
+            f"{epoch:>5}  {loss:10.4f}  {shown:>9}  {controller.dL:+.5f}  {controller.phase:<13}"
+            f"  {lr_mult:12.2f}  {accumulation:10d}"
+        )
+    for line in controller.transitions:
+        print(f"transition {line}")
+    return rows
+
+
+def compare_with_recorded(rows, log, config):
+    """Whether the replayed phases are the ones a results file recorded; if not, where and which flags differ."""
+    mismatched = [e for e, (row, phase) in enumerate(zip(rows, log.phases, strict=True)) if row["phase"] != phase]
+    if not mismatched:
+        return "matches the phases recorded in the file"
+    recorded = {k: log.config.get(k, RUN_KEY_DEFAULTS.get(k)) for k in CONTROLLER_SETTINGS}
+    used = [f"--{k.replace('_', '-')} {v}" for k, v in recorded.items() if v != config[k]]
+    hint = f"; the run used {' '.join(used)}" if used else ""
+    return f"differs from the recorded phases at epochs {mismatched}{hint}"
 
 
 def plot_replay(rows, controller, path, title):
@@ -1763,6 +1765,296 @@ def plot_replay(rows, controller, path, title):
     phase_legend(fig)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     save_figure(fig, path)
+
+
+#############################################
+#    Runs: devices, seeds, locks, resume    #
+#############################################
+
+
+def run_training(config):
+    """Train this process's seeds (every K-th under torchrun); returns the exit code."""
+    with nothing_to_resume_yet():
+        set_up_backends()
+        rank, world, local_rank, local_world = distributed_env()
+        device = pick_device(config["device"], local_rank, local_world)
+        precision = choose_precision(config["bf16"], device)
+        output_dir = check_output_dir(config["output_dir"])
+        if world > 1:
+            join_process_group(config, rank)
+        my_seeds = seeds_to_run(config)[rank::world]
+        # Fail fast: data, splits and resumability of every seed are checked before anything is written.
+        plans = {seed: plan_seed(config, seed, device, precision) for seed in my_seeds}
+        finished = {s for s, plan in plans.items() if config["resume"] and check_resumable(s, output_dir, plan.config)}
+        make_output_dir(output_dir)
+    with ExitStack() as locks:
+        for seed in my_seeds:
+            locks.enter_context(seed_lock(output_dir, seed))
+        diverged = train_seeds(config, plans, finished, device, precision, output_dir)
+    if world > 1:  # every rank learns every rank's divergences, so all agree on the exit code
+        gathered = [None] * world
+        dist.all_gather_object(gathered, diverged)
+        diverged = [line for lines in gathered for line in lines]
+    if config["multi_seed"] and rank == 0:
+        write_summary(output_dir, seeds_to_run(config))
+    if world > 1:
+        # No rank exits before rank 0 has written the summary: torchrun stops every worker as soon
+        # as one exits with an error.
+        dist.barrier()
+        dist.destroy_process_group()
+    if diverged:
+        print(
+            f"error: {len(diverged)} arm(s) diverged ({'; '.join(diverged)}); "
+            "their results and figures hold the epochs before",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def choose_precision(bf16, device):
+    if bf16 == "on" and device.type == "mps":
+        raise UserError("--bf16 on is not supported on MPS here")
+    return "bf16-autocast" if bf16 == "on" or (bf16 == "auto" and native_bf16(device)) else "fp32"
+
+
+def join_process_group(config, rank):
+    # Only collectives of small Python objects are needed: gloo serves them on any device.
+    dist.init_process_group("gloo", timeout=timedelta(days=7))  # seeds may run for days
+    if config["dataset"] == "cifar10":  # one rank prepares the data folder, the others then read it
+        if rank == 0:
+            prepare_cifar10(config["data_dir"])
+        dist.barrier()
+
+
+def distributed_env():
+    """(rank, world_size, local_rank, local_world_size) under torchrun; (0, 1, 0, 1) otherwise."""
+    rank, world, local_rank = (
+        int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0))
+    )
+    return rank, world, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
+
+
+def pick_device(name, local_rank=0, local_world=1):
+    """The device of this process; under torchrun, cuda:LOCAL_RANK.
+
+    Every rank checks the node's process count against its GPUs before any collective, so a bad
+    launch stops all ranks with the same line instead of leaving rank 0 waiting for the others.
+    """
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if cuda else "mps" if mps else "cpu"
+    if name == "cuda":
+        if not cuda:
+            raise UserError(f"--device cuda asked for, but torch {torch.__version__} sees no CUDA device")
+        count = torch.cuda.device_count()
+        if max(local_world, local_rank + 1) > count:
+            raise UserError(
+                f"{max(local_world, local_rank + 1)} processes on this node need one CUDA device each, but {count}"
+                f" are visible: start at most {count} per node (torchrun --nproc_per_node {count})"
+            )
+        torch.cuda.set_device(local_rank)  # NCCL and the default CUDA stream follow the current device
+        return torch.device("cuda", local_rank)
+    if name == "mps" and not mps:
+        raise UserError("--device mps asked for, but this torch sees no MPS device")
+    return torch.device(name)
+
+
+def check_output_dir(path):
+    """Refuse an --output-dir that cannot be created or written, creating nothing yet."""
+    path = Path(path)
+    existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--output-dir {path} cannot be created or written ({existing} is not a writable folder)")
+    return path
+
+
+def make_output_dir(path):
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--output-dir {path} cannot be created ({e.strerror or e})") from None
+    return path
+
+
+def plan_seed(config, seed, device, precision):
+    data = synthetic_dataset(seed) if config["dataset"] == "synthetic" else cifar10_dataset(config["data_dir"])
+    train_idx, val_idx = split_indices(len(data.train_y), config["subset"], config["val_size"])
+    return SeedPlan(data, train_idx, val_idx, seed_config(config, seed, device, precision, data, len(train_idx)))
+
+
+class SeedPlan(NamedTuple):
+    """What one seed will train on, and its config: everything that is checked before training."""
+
+    data: Dataset
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    config: dict
+
+
+@functools.cache  # read once per process, whatever the number of seeds
+def cifar10_dataset(data_dir):
+    folder = prepare_cifar10(data_dir)
+    train_x, train_y, test_x, test_y = read_cifar10(folder)
+    if len(train_y) != 5 * CIFAR_CASES_PER_BATCH:
+        print(f"note: {folder} holds {len(train_y)} training images, not the 50,000 of CIFAR-10")
+    return Dataset(train_x, train_y, test_x, test_y)
+
+
+def seed_config(config, seed, device, precision, data, train_size):
+    """The results file's config: the run's settings, plus what was resolved for this seed."""
+    modes = {"resume", "summarize", "replay"}  # how to run, not what is computed
+    resolved = {k: v for k, v in config.items() if k not in modes}
+    resolved.update(
+        seed=seed, device=str(device), precision=precision, momentum=MOMENTUM,
+        memory_format=str(memory_format_for(device, config["width"])).removeprefix("torch."),
+        weight_decay=WEIGHT_DECAY, torch_version=str(torch.__version__),
+        tf32=torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32,  # as set_up_backends left it
+        model_params=sum(p.numel() for p in CifarResNet(config["width"]).parameters()),
+        train_size=train_size, test_size=len(data.test_y),
+    )  # fmt: skip
+    if config["dataset"] == "synthetic":
+        resolved["data_dir"] = None
+    return resolved
+
+
+def run_identity(config):
+    return {k: config[k] if k in config else RUN_KEY_DEFAULTS[k] for k in RUN_KEYS}
+
+
+def check_resumable(seed, output_dir, config):
+    """With --resume: whether the seed is already finished, refusing files made with other settings."""
+    identity = run_identity(config)
+    results = output_dir / f"results_seed_{seed}.json"
+    checkpoints = sorted(output_dir.glob(f"checkpoint_seed_{seed}_*.pt"))
+    for path in ([results] if results.exists() else []) + checkpoints:
+        try:
+            if path.suffix == ".json":
+                saved = json.loads(path.read_text())["config"]
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                if "scheduler" not in state:
+                    raise KeyError("no 'scheduler': written by an older version")
+                saved = state["config"]
+        except Exception as e:
+            raise UserError(
+                f"--resume: cannot read {path} ({type(e).__name__}: {e}); delete it to start that seed afresh"
+            ) from None
+        saved = {k: saved.get(k, RUN_KEY_DEFAULTS.get(k)) for k in RUN_KEYS}
+        differing = [f"{k} {saved[k]!r} there, {identity[k]!r} now" for k in RUN_KEYS if saved[k] != identity[k]]
+        if differing:
+            raise UserError(
+                f"--resume: {path} was made with other settings ({'; '.join(differing)}); "
+                "rerun with those settings, or without --resume to start afresh"
+            )
+    return results.exists()
+
+
+@contextmanager
+def seed_lock(output_dir, seed):
+    """Hold the seed's lock in output_dir for the block, or refuse in one line.
+
+    One seed, one process: a second launch, or a --resume while the first still trains, would
+    interleave checkpoints. The lock is the kernel's (flock), so a killed process never leaves a
+    lock behind; the file itself only names the holder, and is removed when the block ends.
+    """
+    if fcntl is None:  # no flock on this platform (Windows): the user keeps seeds apart
+        yield
+        return
+    path = output_dir / f".lock_seed_{seed}"
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise UserError(
+                f"seed {seed} is being trained in {output_dir} by {holder}; wait for it, or stop it and "
+                "continue with --resume"
+            ) from None
+        if path.exists() and os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+            break
+        handle.close()  # its holder finished and removed the file while we waited for it: take the new one
+    try:
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still held, so no one locks a removed file
+        handle.close()
+
+
+def train_seeds(config, plans, finished, device, precision, output_dir):
+    """This process's seeds, their locks held; returns one line per diverged arm."""
+    for seed in finished:
+        finish_skipped_seed(seed, output_dir)
+    arms = 3 if config["control"] == "lr-matched" else 2
+    todo = {seed: plan for seed, plan in plans.items() if seed not in finished}
+    for seed in todo:
+        # Temp files a killed process left behind; the seed's lock makes this safe.
+        stale = list(output_dir.glob(f".*_seed_{seed}[._]*.tmp-*"))
+        if not config["resume"]:
+            stale += output_dir.glob(f"checkpoint_seed_{seed}_*.pt")
+        for path in stale:
+            path.unlink()
+    rank, world, _, _ = distributed_env()
+    where = f", rank {rank} of {world}" if world > 1 else ""
+    print(
+        f"{describe_data(config)}: {len(todo)} seed(s) to train on {device}"
+        f" ({precision}, {arms} arms, {config['epochs']} epochs{where})"
+    )
+    if not config["val_size"]:
+        print("note: without --val-size the test split drives the controller and best-epoch selection")
+    progress = Progress(len(todo) * arms * config["epochs"])
+    diverged = []
+    for seed, plan in todo.items():
+        results = run_seed(start_seed_run(config, seed, plan, device, output_dir, progress))
+        diverged += [f"seed {seed} {arm} at epoch {results[arm]['diverged_epoch']}" for arm in ARMS
+                     if arm in results and results[arm]["status"] == "diverged"]  # fmt: skip
+    return diverged
+
+
+def start_seed_run(config, seed, plan, device, output_dir, progress):
+    """The seed's splits moved onto the device, in the layout the model uses there."""
+    layout = memory_format_for(device, config["width"])
+
+    def split(images, labels):
+        return DeviceSplit(images, labels, device, layout)
+
+    data = plan.data
+    return SeedRun(
+        seed=seed, config=plan.config, device=device, output_dir=output_dir, resume=config["resume"],
+        train=split(data.train_x[plan.train_idx], data.train_y[plan.train_idx]),
+        test=split(data.test_x, data.test_y),
+        val=split(data.train_x[plan.val_idx], data.train_y[plan.val_idx]) if config["val_size"] else None,
+        progress=progress,
+    )  # fmt: skip
+
+
+def finish_skipped_seed(seed, output_dir):
+    """A finished seed under --resume: redraw a figure a kill left missing, drop leftover checkpoints."""
+    print(f"seed {seed}: results_seed_{seed}.json exists with these settings; skipped")
+    figure = output_dir / f"figure_seed_{seed}.png"
+    if not figure.exists():
+        plot_seed(json.loads((output_dir / f"results_seed_{seed}.json").read_text()), figure)
+        print(f"seed {seed}: redrew {figure.name} from the results file")
+    for path in output_dir.glob(f"checkpoint_seed_{seed}_*.pt"):
+        path.unlink()
+
+
+class NothingToResume(KeyboardInterrupt):
+    """An interrupt before the first epoch: there is no checkpoint to continue from."""
+
+
+@contextmanager
+def nothing_to_resume_yet():
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise NothingToResume from None
 
 
 #############################################
@@ -1878,16 +2170,6 @@ def build_parser():
     return p
 
 
-def parse_seeds(text):
-    try:
-        seeds = [int(s) for s in text.split(",")]
-    except ValueError:
-        raise UserError(f"--seeds must be comma-separated integers, got {text!r}") from None
-    if len(set(seeds)) != len(seeds):
-        raise UserError(f"--seeds has duplicates: {text!r}")
-    return seeds
-
-
 def parse_command_line(argv):
     """The run's settings as one dict, each under its flag's name with underscores, checked and
     resolved. This dict drives the run; with what the run resolves, it is each results file's config."""
@@ -1929,290 +2211,18 @@ def check_config(config):
     parse_seeds(config["seeds"])
 
 
+def parse_seeds(text):
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise UserError(f"--seeds must be comma-separated integers, got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds has duplicates: {text!r}")
+    return seeds
+
+
 def seeds_to_run(config):
     return parse_seeds(config["seeds"]) if config["multi_seed"] else [config["seed"]]
-
-
-def pick_device(name, local_rank=0, local_world=1):
-    """The device of this process; under torchrun, cuda:LOCAL_RANK.
-
-    Every rank checks the node's process count against its GPUs before any collective, so a bad
-    launch stops all ranks with the same line instead of leaving rank 0 waiting for the others.
-    """
-    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
-    if name == "auto":
-        name = "cuda" if cuda else "mps" if mps else "cpu"
-    if name == "cuda":
-        if not cuda:
-            raise UserError(f"--device cuda asked for, but torch {torch.__version__} sees no CUDA device")
-        count = torch.cuda.device_count()
-        if max(local_world, local_rank + 1) > count:
-            raise UserError(
-                f"{max(local_world, local_rank + 1)} processes on this node need one CUDA device each, but {count}"
-                f" are visible: start at most {count} per node (torchrun --nproc_per_node {count})"
-            )
-        torch.cuda.set_device(local_rank)  # NCCL and the default CUDA stream follow the current device
-        return torch.device("cuda", local_rank)
-    if name == "mps" and not mps:
-        raise UserError("--device mps asked for, but this torch sees no MPS device")
-    return torch.device(name)
-
-
-def check_output_dir(path):
-    """Refuse an --output-dir that cannot be created or written, creating nothing yet."""
-    path = Path(path)
-    existing = next(folder for folder in (path, *path.parents) if folder.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"--output-dir {path} cannot be created or written ({existing} is not a writable folder)")
-    return path
-
-
-def make_output_dir(path):
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--output-dir {path} cannot be created ({e.strerror or e})") from None
-    return path
-
-
-@contextmanager
-def seed_lock(output_dir, seed):
-    """Hold the seed's lock in output_dir for the block, or refuse in one line.
-
-    One seed, one process: a second launch, or a --resume while the first still trains, would
-    interleave checkpoints. The lock is the kernel's (flock), so a killed process never leaves a
-    lock behind; the file itself only names the holder, and is removed when the block ends.
-    """
-    if fcntl is None:  # no flock on this platform (Windows): the user keeps seeds apart
-        yield
-        return
-    path = output_dir / f".lock_seed_{seed}"
-    while True:
-        handle = open(path, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise UserError(
-                f"seed {seed} is being trained in {output_dir} by {holder}; wait for it, or stop it and "
-                "continue with --resume"
-            ) from None
-        if path.exists() and os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
-            break
-        handle.close()  # its holder finished and removed the file while we waited for it: take the new one
-    try:
-        handle.truncate(0)
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
-        handle.flush()
-        yield
-    finally:
-        path.unlink(missing_ok=True)  # while still held, so no one locks a removed file
-        handle.close()
-
-
-def seed_config(config, seed, device, precision, data, train_size):
-    """The results file's config: the run's settings, plus what was resolved for this seed."""
-    modes = {"resume", "summarize", "replay"}  # how to run, not what is computed
-    resolved = {k: v for k, v in config.items() if k not in modes}
-    resolved.update(
-        seed=seed, device=str(device), precision=precision, momentum=MOMENTUM,
-        memory_format=str(memory_format_for(device, config["width"])).removeprefix("torch."),
-        weight_decay=WEIGHT_DECAY, torch_version=str(torch.__version__),
-        tf32=torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32,  # as set_up_backends left it
-        model_params=sum(p.numel() for p in CifarResNet(config["width"]).parameters()),
-        train_size=train_size, test_size=len(data.test_y),
-    )  # fmt: skip
-    if config["dataset"] == "synthetic":
-        resolved["data_dir"] = None
-    return resolved
-
-
-def run_identity(config):
-    return {k: config[k] if k in config else RUN_KEY_DEFAULTS[k] for k in RUN_KEYS}
-
-
-def check_resumable(seed, output_dir, config):
-    """With --resume: whether the seed is already finished, refusing files made with other settings."""
-    identity = run_identity(config)
-    results = output_dir / f"results_seed_{seed}.json"
-    checkpoints = sorted(output_dir.glob(f"checkpoint_seed_{seed}_*.pt"))
-    for path in ([results] if results.exists() else []) + checkpoints:
-        try:
-            if path.suffix == ".json":
-                saved = json.loads(path.read_text())["config"]
-            else:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-                if "scheduler" not in state:
-                    raise KeyError("no 'scheduler': written by an older version")
-                saved = state["config"]
-        except Exception as e:
-            raise UserError(
-                f"--resume: cannot read {path} ({type(e).__name__}: {e}); delete it to start that seed afresh"
-            ) from None
-        saved = {k: saved.get(k, RUN_KEY_DEFAULTS.get(k)) for k in RUN_KEYS}
-        differing = [f"{k} {saved[k]!r} there, {identity[k]!r} now" for k in RUN_KEYS if saved[k] != identity[k]]
-        if differing:
-            raise UserError(
-                f"--resume: {path} was made with other settings ({'; '.join(differing)}); "
-                "rerun with those settings, or without --resume to start afresh"
-            )
-    return results.exists()
-
-
-@functools.cache  # read once per process, whatever the number of seeds
-def cifar10_dataset(data_dir):
-    folder = prepare_cifar10(data_dir)
-    train_x, train_y, test_x, test_y = read_cifar10(folder)
-    if len(train_y) != 5 * CIFAR_CASES_PER_BATCH:
-        print(f"note: {folder} holds {len(train_y)} training images, not the 50,000 of CIFAR-10")
-    return Dataset(train_x, train_y, test_x, test_y)
-
-
-class SeedPlan(NamedTuple):
-    """What one seed will train on, and its config: everything that is checked before training."""
-
-    data: Dataset
-    train_idx: np.ndarray
-    val_idx: np.ndarray
-    config: dict
-
-
-def plan_seed(config, seed, device, precision):
-    data = synthetic_dataset(seed) if config["dataset"] == "synthetic" else cifar10_dataset(config["data_dir"])
-    train_idx, val_idx = split_indices(len(data.train_y), config["subset"], config["val_size"])
-    return SeedPlan(data, train_idx, val_idx, seed_config(config, seed, device, precision, data, len(train_idx)))
-
-
-def start_seed_run(config, seed, plan, device, output_dir, progress):
-    """The seed's splits moved onto the device, in the layout the model uses there."""
-    layout = memory_format_for(device, config["width"])
-
-    def split(images, labels):
-        return DeviceSplit(images, labels, device, layout)
-
-    data = plan.data
-    return SeedRun(
-        seed=seed, config=plan.config, device=device, output_dir=output_dir, resume=config["resume"],
-        train=split(data.train_x[plan.train_idx], data.train_y[plan.train_idx]),
-        test=split(data.test_x, data.test_y),
-        val=split(data.train_x[plan.val_idx], data.train_y[plan.val_idx]) if config["val_size"] else None,
-        progress=progress,
-    )  # fmt: skip
-
-
-def distributed_env():
-    """(rank, world_size, local_rank, local_world_size) under torchrun; (0, 1, 0, 1) otherwise."""
-    rank, world, local_rank = (
-        int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0))
-    )
-    return rank, world, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
-
-
-class NothingToResume(KeyboardInterrupt):
-    """An interrupt before the first epoch: there is no checkpoint to continue from."""
-
-
-@contextmanager
-def nothing_to_resume_yet():
-    try:
-        yield
-    except KeyboardInterrupt:
-        raise NothingToResume from None
-
-
-def run_training(config):
-    with nothing_to_resume_yet():
-        set_up_backends()
-        rank, world, local_rank, local_world = distributed_env()
-        device = pick_device(config["device"], local_rank, local_world)
-        if config["bf16"] == "on" and device.type == "mps":
-            raise UserError("--bf16 on is not supported on MPS here")
-        precision = (
-            "bf16-autocast" if config["bf16"] == "on" or (config["bf16"] == "auto" and native_bf16(device)) else "fp32"
-        )
-        output_dir = check_output_dir(config["output_dir"])
-        if world > 1:
-            # Only collectives of small Python objects are needed: gloo serves them on any device.
-            dist.init_process_group("gloo", timeout=timedelta(days=7))  # seeds may run for days
-            if config["dataset"] == "cifar10":  # one rank prepares the data folder, the others then read it
-                if rank == 0:
-                    prepare_cifar10(config["data_dir"])
-                dist.barrier()
-        my_seeds = seeds_to_run(config)[rank::world]
-        arms = 3 if config["control"] == "lr-matched" else 2
-        progress = Progress(len(my_seeds) * arms * config["epochs"])
-        # Fail fast: data, splits and resumability of every seed are checked before anything is written.
-        plans = {seed: plan_seed(config, seed, device, precision) for seed in my_seeds}
-        finished = {
-            seed for seed, plan in plans.items() if config["resume"] and check_resumable(seed, output_dir, plan.config)
-        }
-        make_output_dir(output_dir)
-    with ExitStack() as locks:
-        for seed in my_seeds:
-            locks.enter_context(seed_lock(output_dir, seed))
-        diverged = train_seeds(config, plans, finished, device, precision, output_dir, progress)
-    if world > 1:  # every rank learns every rank's divergences, so all agree on the exit code
-        gathered = [None] * world
-        dist.all_gather_object(gathered, diverged)
-        diverged = [line for lines in gathered for line in lines]
-    if config["multi_seed"] and rank == 0:
-        write_summary(output_dir, seeds_to_run(config))
-    if world > 1:
-        # No rank exits before rank 0 has written the summary: torchrun stops every worker as soon
-        # as one exits with an error.
-        dist.barrier()
-        dist.destroy_process_group()
-    if diverged:
-        print(
-            f"error: {len(diverged)} arm(s) diverged ({'; '.join(diverged)}); "
-            "their results and figures hold the epochs before",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
-
-
-def train_seeds(config, plans, finished, device, precision, output_dir, progress):
-    """This process's seeds, their locks held; returns one line per diverged arm."""
-    arms = 3 if config["control"] == "lr-matched" else 2
-    for seed in finished:
-        finish_skipped_seed(seed, output_dir)
-        progress.skip(arms * config["epochs"])
-    todo = {seed: plan for seed, plan in plans.items() if seed not in finished}
-    for seed in todo:
-        # Temp files a killed process left behind; the seed's lock makes this safe.
-        stale = list(output_dir.glob(f".*_seed_{seed}[._]*.tmp-*"))
-        if not config["resume"]:
-            stale += output_dir.glob(f"checkpoint_seed_{seed}_*.pt")
-        for path in stale:
-            path.unlink()
-    rank, world, _, _ = distributed_env()
-    where = f", rank {rank} of {world}" if world > 1 else ""
-    print(
-        f"{describe_data(config)}: {len(todo)} seed(s) to train on {device}"
-        f" ({precision}, {arms} arms, {config['epochs']} epochs{where})"
-    )
-    if not config["val_size"]:
-        print("note: without --val-size the test split drives the controller and best-epoch selection")
-    diverged = []
-    for seed, plan in todo.items():
-        results = run_seed(start_seed_run(config, seed, plan, device, output_dir, progress))
-        diverged += [f"seed {seed} {arm} at epoch {results[arm]['diverged_epoch']}" for arm in ARMS
-                     if arm in results and results[arm]["status"] == "diverged"]  # fmt: skip
-    return diverged
-
-
-def finish_skipped_seed(seed, output_dir):
-    """A finished seed under --resume: redraw a figure a kill left missing, drop leftover checkpoints."""
-    print(f"seed {seed}: results_seed_{seed}.json exists with these settings; skipped")
-    figure = output_dir / f"figure_seed_{seed}.png"
-    if not figure.exists():
-        plot_seed(json.loads((output_dir / f"results_seed_{seed}.json").read_text()), figure)
-        print(f"seed {seed}: redrew {figure.name} from the results file")
-    for path in output_dir.glob(f"checkpoint_seed_{seed}_*.pt"):
-        path.unlink()
 
 
 def main(argv=None):
