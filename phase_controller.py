@@ -2075,28 +2075,13 @@ def build_parser():
     )
     run = p.add_argument_group("run")
     run.add_argument("--seed", type=int, help=f"seed of a single run (default {SEED})")
-    run.add_argument(
-        "--multi-seed", action="store_true", help="run every seed of --seeds and write multi_seed_summary.{json,png}"
-    )
+    run.add_argument("--multi-seed", action="store_true", help="run every seed of --seeds and write the summary")
     run.add_argument("--seeds", help=f"comma-separated seeds; implies --multi-seed (default {SEEDS})")
     run.add_argument("--epochs", type=int, default=EPOCHS, help="epochs per arm (default %(default)s)")
-    run.add_argument(
-        "--device", choices=("auto", "cuda", "mps", "cpu"), default="auto", help="auto: cuda, then mps, then cpu"
-    )
-    run.add_argument(
-        "--bf16",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="bf16 autocast; auto: on where the hardware computes bf16 natively",
-    )
-    run.add_argument(
-        "--output-dir", default=OUTPUT_DIR, help="where results, figures and checkpoints go (default %(default)s)"
-    )
-    run.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue an interrupted run from its checkpoints; skip seeds already finished",
-    )
+    run.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto", help="auto: cuda, mps, cpu")
+    run.add_argument("--bf16", choices=("auto", "on", "off"), default="auto", help="auto: on where bf16 is native")
+    run.add_argument("--output-dir", default=OUTPUT_DIR, help="results, figures, checkpoints (default %(default)s)")
+    run.add_argument("--resume", action="store_true", help="continue from the checkpoints; skip finished seeds")
     run.add_argument(
         "--control",
         choices=("none", "lr-matched"),
@@ -2106,68 +2091,35 @@ def build_parser():
     )
     data = p.add_argument_group("data")
     data.add_argument(
-        "--dataset",
-        choices=("cifar10", "synthetic"),
-        default="cifar10",
-        help="synthetic: a small generated task for smoke runs (default %(default)s)",
+        "--dataset", choices=("cifar10", "synthetic"), default="cifar10", help="synthetic: for smoke runs"
     )
-    data.add_argument(
-        "--data-dir", default=DATA_DIR, help=f"holds {CIFAR_FOLDER}/ (downloaded there if missing; default %(default)s)"
-    )
-    data.add_argument(
-        "--subset", type=int, default=0, help="train on the first N images of a fixed permutation (0: all)"
-    )
-    data.add_argument(
-        "--val-size",
-        type=int,
-        default=0,
-        help="hold out N training images to drive the controller and best-epoch selection (0: use the test split)",
-    )
+    data.add_argument("--data-dir", default=DATA_DIR, help=f"holds {CIFAR_FOLDER}/ (default %(default)s)")
+    data.add_argument("--subset", type=int, default=0, help="train on N images of a fixed permutation (0: all)")
+    data.add_argument("--val-size", type=int, default=0, help="hold out N training images for the controller")
     model = p.add_argument_group("model and optimisation")
-    model.add_argument("--width", type=int, default=WIDTH, help="first-stage channels (default %(default)s)")
-    model.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="default %(default)s")
+    add_numbers(model, ("--width", int, WIDTH, "first-stage channels"),
+                ("--batch-size", int, BATCH_SIZE, "training batch, a micro-batch under accumulation"),
+                ("--base-lr", float, BASE_LR, "peak of the shared schedule"))  # fmt: skip
     model.add_argument(
-        "--base-lr", type=float, default=BASE_LR, help="peak of the shared schedule (default %(default)s)"
-    )
-    model.add_argument(
-        "--warmup-epochs", type=int, help=f"linear warmup epochs (default {WARMUP_EPOCHS}, at most --epochs - 1)"
+        "--warmup-epochs", type=int, help=f"linear warmup epochs ({WARMUP_EPOCHS}, at most --epochs - 1)"
     )
     ctl = p.add_argument_group("phase controller")
-    ctl.add_argument(
-        "--s1-threshold", type=float, default=S1_THRESHOLD, help="S0->S1 when dL falls below this (default %(default)s)"
-    )
-    ctl.add_argument(
-        "--s2-threshold",
-        type=float,
-        default=S2_THRESHOLD,
-        help="S1->S2 when |dL| falls below this (default %(default)s)",
-    )
-    ctl.add_argument("--lr-pulse", type=float, default=LR_PULSE, help="LR multiplier in S1 (default %(default)s)")
-    ctl.add_argument(
-        "--grad-accum", type=int, default=GRAD_ACCUM, help="micro-batches per step in S2 and S3 (default %(default)s)"
-    )
-    ctl.add_argument(
-        "--s3-patience", type=int, default=S3_PATIENCE, help="stale evaluations in S2 before S3 (default %(default)s)"
-    )
-    ctl.add_argument(
-        "--dl-window", type=int, default=DL_WINDOW, help="first differences averaged into dL (default %(default)s)"
-    )
-    ctl.add_argument(
-        "--dl-mode",
-        choices=("absolute", "relative"),
-        default=DL_MODE,
-        help="absolute: dL in loss units per epoch; relative: dL / latest training loss (default %(default)s)",
-    )
+    add_numbers(ctl, ("--s1-threshold", float, S1_THRESHOLD, "S0->S1 when dL falls below this"),
+                ("--s2-threshold", float, S2_THRESHOLD, "S1->S2 when |dL| falls below this"),
+                ("--lr-pulse", float, LR_PULSE, "LR multiplier in S1"),
+                ("--grad-accum", int, GRAD_ACCUM, "micro-batches per step in S2 and S3"),
+                ("--s3-patience", int, S3_PATIENCE, "stale evaluations in S2 before S3"),
+                ("--dl-window", int, DL_WINDOW, "first differences averaged into dL"))  # fmt: skip
+    ctl.add_argument("--dl-mode", choices=("absolute", "relative"), default=DL_MODE, help="relative: dL / latest loss")
     modes = p.add_argument_group("other modes (no training)").add_mutually_exclusive_group()
-    modes.add_argument(
-        "--summarize",
-        metavar="DIR",
-        help="build multi_seed_summary.{json,png} from the results_seed_N.json files in DIR",
-    )
-    modes.add_argument(
-        "--replay", metavar="FILE", help="run the controller over a logged loss curve (results JSON, JSON list or CSV)"
-    )
+    modes.add_argument("--summarize", metavar="DIR", help="build multi_seed_summary.{json,png} from DIR's results")
+    modes.add_argument("--replay", metavar="FILE", help="the controller over a logged loss curve (JSON or CSV)")
     return p
+
+
+def add_numbers(group, *flags):
+    for flag, kind, default, meaning in flags:
+        group.add_argument(flag, type=kind, default=default, help=f"{meaning} (default %(default)s)")
 
 
 def parse_command_line(argv):
