@@ -1,4 +1,4 @@
-"""The published CPU reference: its summary and the README's table are what its per-seed files say."""
+"""The published results: each summary, and the README's table, are what the per-seed files say."""
 
 import json
 import re
@@ -16,10 +16,20 @@ def test_the_reference_holds_seeds():
     assert SEEDS, f"no results_seed_N.json in {REFERENCE}"
 
 
-def test_committed_summary_is_what_summarize_builds_from_the_committed_seeds():
-    built = pc.build_summary(pc.load_seed_results(REFERENCE))
-    assert json.loads(json.dumps(built)) == read_json(REFERENCE / "multi_seed_summary.json")
-    assert built["seeds"] == SEEDS
+# Every published folder with a summary: the CPU reference, and the default runs once they land.
+PUBLISHED = sorted(p.parent for p in (ROOT / "results").glob("*/multi_seed_summary.json"))
+
+
+def test_the_cpu_reference_is_among_the_published_folders():
+    assert REFERENCE in PUBLISHED
+
+
+@pytest.mark.parametrize("folder", PUBLISHED, ids=lambda p: p.name)
+def test_committed_summary_is_what_summarize_builds_from_the_committed_seeds(folder):
+    built = pc.build_summary(pc.load_seed_results(folder))
+    assert json.loads(json.dumps(built)) == read_json(folder / "multi_seed_summary.json")
+    seeds = sorted(int(p.stem.removeprefix("results_seed_")) for p in folder.glob("results_seed_*.json"))
+    assert built["seeds"] == seeds
 
 
 def readme_rows():
