@@ -342,3 +342,21 @@ def test_progress_line_waits_for_the_accelerator_before_reading_the_clock(monkey
     assert len(list(pc.show_batches(iter(batches), 3, "x", terminal))) == 3
     drawn = terminal.getvalue().count("batch ")
     assert drawn >= 1 and waits == [pc.torch.device("cuda:0")] * drawn  # once per line drawn, never per batch
+
+
+def test_state_dicts_saved_under_the_old_names_still_load():
+    # Before the renames the controller kept window/slope and the scheduler grad_accum for the
+    # accumulation in force.
+    ctl = pc.PhaseController(dl_window=2, dl_mode="relative")
+    for loss in LOSSES[:3]:
+        ctl.observe(loss)
+    old = ctl.state_dict()
+    old["window"], old["slope"] = old.pop("dl_window"), old.pop("dl_mode")
+    restored = pc.PhaseController()
+    restored.load_state_dict(old)
+    assert restored.dl_window == 2 and restored.dl_mode == "relative" and restored.phase == ctl.phase
+    scheduler = pc.PhaseScheduler(two_groups(), pc.PhaseController())
+    state = scheduler.state_dict()
+    state["grad_accum"] = state.pop("accumulation") + 1
+    scheduler.load_state_dict(state)
+    assert scheduler.accumulation == 2
