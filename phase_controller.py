@@ -479,16 +479,22 @@ def write_json(path, obj):
     write_atomically(path, write)
 
 
+def make_folder(path, flag):
+    """mkdir -p path, or one line naming the flag that asked for it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag} {path} cannot be created ({e.strerror or e})") from None
+    return path
+
+
 @contextmanager
 def new_folders_removed_on_failure(path, flag):
     """mkdir -p path; if the block then fails, remove again the (empty) folders this made, so a
     start that fails leaves nothing behind."""
     path = Path(path)
     made = [folder for folder in (path, *path.parents) if not folder.exists()]  # deepest first
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{flag} {path} cannot be created ({e.strerror or e})") from None
+    make_folder(path, flag)
     try:
         yield path
     except BaseException:
@@ -1592,13 +1598,18 @@ class LossLog(NamedTuple):
     config: dict | None  # the settings a results file recorded
 
 
+# Why a --replay file was read the way it was: its suffix decides.
+READ_AS_CSV = "read as CSV because of its .csv suffix"
+READ_AS_JSON = "read as JSON because its suffix is not .csv"
+
+
 def read_loss_log(path):
     """A LossLog from a results_seed_N.json, a JSON list of training losses, or a CSV with a
     train_loss column and an optional eval_loss column (as spreadsheets export them too). The
     suffix decides: .csv is read as CSV, anything else as JSON."""
     path = Path(path)
     as_csv = path.suffix.lower() == ".csv"
-    how = "read as CSV because of its .csv suffix" if as_csv else "read as JSON because its suffix is not .csv"
+    how = READ_AS_CSV if as_csv else READ_AS_JSON
     try:
         text = path.read_bytes().decode("utf-8-sig")  # -sig: drops a spreadsheet's byte-order mark
     except OSError as e:
@@ -1634,9 +1645,7 @@ def read_csv_losses(text):
     rows = [[cell.strip() for cell in row] for row in csv.reader(text.splitlines()) if any(c.strip() for c in row)]
     if not rows or "train_loss" not in rows[0]:
         found = ", ".join(rows[0]) if rows else "only separators"
-        raise ValueError(
-            f"read as CSV because of its .csv suffix: needs a train_loss column in its header, found {found}"
-        )
+        raise ValueError(f"{READ_AS_CSV}: needs a train_loss column in its header, found {found}")
     header, rows = rows[0], rows[1:]
     if not rows:
         raise ValueError("no rows under the header")
@@ -1700,7 +1709,7 @@ def replay(config):
         "transitions": controller.transitions,
         "transition_epochs": controller.transition_epochs,
     }
-    make_output_dir(out)
+    make_folder(out, "--output-dir")
     write_json(out / f"replay_{stem}.json", replay_result)
     plot_replay(rows, controller, out / f"replay_{stem}.png", title=str(source))
     print(f"wrote {out / f'replay_{stem}.json'} and {out / f'replay_{stem}.png'}")
@@ -1782,11 +1791,12 @@ def run_training(config):
         output_dir = check_output_dir(config["output_dir"])
         if world > 1:
             join_process_group(config, rank)
-        my_seeds = seeds_to_run(config)[rank::world]
+        seeds = seeds_to_run(config)
+        my_seeds = seeds[rank::world]
         # Fail fast: data, splits and resumability of every seed are checked before anything is written.
         plans = {seed: plan_seed(config, seed, device, precision) for seed in my_seeds}
         finished = {s for s, plan in plans.items() if config["resume"] and check_resumable(s, output_dir, plan.config)}
-        make_output_dir(output_dir)
+        make_folder(output_dir, "--output-dir")
     with ExitStack() as locks:
         for seed in my_seeds:
             locks.enter_context(seed_lock(output_dir, seed))
@@ -1796,7 +1806,7 @@ def run_training(config):
         dist.all_gather_object(gathered, diverged)
         diverged = [line for lines in gathered for line in lines]
     if config["multi_seed"] and rank == 0:
-        write_summary(output_dir, seeds_to_run(config))
+        write_summary(output_dir, seeds)
     if world > 1:
         # No rank exits before rank 0 has written the summary: torchrun stops every worker as soon
         # as one exits with an error.
@@ -1847,10 +1857,10 @@ def pick_device(name, local_rank=0, local_world=1):
     if name == "cuda":
         if not cuda:
             raise UserError(f"--device cuda asked for, but torch {torch.__version__} sees no CUDA device")
-        count = torch.cuda.device_count()
-        if max(local_world, local_rank + 1) > count:
+        count, processes = torch.cuda.device_count(), max(local_world, local_rank + 1)
+        if processes > count:
             raise UserError(
-                f"{max(local_world, local_rank + 1)} processes on this node need one CUDA device each, but {count}"
+                f"{processes} processes on this node need one CUDA device each, but {count}"
                 f" are visible: start at most {count} per node (torchrun --nproc_per_node {count})"
             )
         torch.cuda.set_device(local_rank)  # NCCL and the default CUDA stream follow the current device
@@ -1866,14 +1876,6 @@ def check_output_dir(path):
     existing = next(folder for folder in (path, *path.parents) if folder.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"--output-dir {path} cannot be created or written ({existing} is not a writable folder)")
-    return path
-
-
-def make_output_dir(path):
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--output-dir {path} cannot be created ({e.strerror or e})") from None
     return path
 
 

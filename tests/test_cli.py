@@ -64,20 +64,19 @@ def test_zero_warmup_is_allowed():
     assert pc.seeds_to_run(config) == [42]
 
 
-def parsed(argv):
-    return pc.parse_command_line(argv)
-
-
 def test_seeds_imply_multi_seed():
-    config = parsed(["--seeds", "1,2"])
+    config = pc.parse_command_line(["--seeds", "1,2"])
     assert config["multi_seed"] and pc.seeds_to_run(config) == [1, 2]
-    assert pc.seeds_to_run(parsed(["--multi-seed"])) == [42, 137, 2024]
-    assert pc.seeds_to_run(parsed(["--seed", "7"])) == [7] and not parsed(["--seed", "7"])["multi_seed"]
+    assert pc.seeds_to_run(pc.parse_command_line(["--multi-seed"])) == [42, 137, 2024]
+    assert (
+        pc.seeds_to_run(pc.parse_command_line(["--seed", "7"])) == [7]
+        and not pc.parse_command_line(["--seed", "7"])["multi_seed"]
+    )
 
 
 @pytest.mark.parametrize("epochs, warmup", [(1, 0), (2, 1), (3, 2), (30, 2)])
 def test_warmup_defaults_to_two_but_leaves_an_epoch_after_it(epochs, warmup):
-    assert parsed(["--epochs", str(epochs)])["warmup_epochs"] == warmup
+    assert pc.parse_command_line(["--epochs", str(epochs)])["warmup_epochs"] == warmup
 
 
 def test_one_epoch_smoke_run(tmp_path):
