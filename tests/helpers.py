@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-import phase_controller as pc
+from phase_cifar10 import command_line, data
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING_KEYS = {"time_seconds", "train_seconds", "eval_seconds"}
@@ -73,19 +73,19 @@ def write_batch(path, obj, layout):
 
 def write_cifar_folder(root, per_batch=20, layout="official", seed=0):
     """A small cifar-10-batches-py folder under root; returns (train_x, train_y, test_x, test_y)."""
-    folder = Path(root) / pc.CIFAR_FOLDER
+    folder = Path(root) / data.CIFAR_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     arrays = {}
-    for name in (*pc.CIFAR_TRAIN_FILES, "test_batch"):
-        data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
+    for name in (*data.CIFAR_TRAIN_FILES, "test_batch"):
+        images = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
         labels = [int(v) for v in rng.integers(0, 10, size=per_batch)]
-        write_batch(folder / name, {"batch_label": name, "labels": labels, "data": data}, layout)
-        arrays[name] = (data, labels)
+        write_batch(folder / name, {"batch_label": name, "labels": labels, "data": images}, layout)
+        arrays[name] = (images, labels)
     meta = {"num_cases_per_batch": per_batch, "label_names": [f"class{i}" for i in range(10)], "num_vis": 3072}
     write_batch(folder / "batches.meta", meta, layout)
-    train_x = np.concatenate([arrays[n][0] for n in pc.CIFAR_TRAIN_FILES]).reshape(-1, 3, 32, 32)
-    train_y = np.concatenate([arrays[n][1] for n in pc.CIFAR_TRAIN_FILES])
+    train_x = np.concatenate([arrays[n][0] for n in data.CIFAR_TRAIN_FILES]).reshape(-1, 3, 32, 32)
+    train_y = np.concatenate([arrays[n][1] for n in data.CIFAR_TRAIN_FILES])
     test_x, test_y = arrays["test_batch"]
     return train_x, train_y, test_x.reshape(-1, 3, 32, 32), np.asarray(test_y)
 
@@ -124,5 +124,5 @@ def run_main(argv):
     """phase_controller.main in this process: (exit code, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = pc.main([str(a) for a in argv])
+        code = command_line.main([str(a) for a in argv])
     return code, out.getvalue(), err.getvalue()

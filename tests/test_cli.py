@@ -6,9 +6,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from helpers import ROOT, TINY, cli, read_json, run_main, write_cifar_folder
 
-import phase_controller as pc
+from phase_cifar10 import command_line, data, runs
 
 BAD_ARGUMENTS = [
     (["--epochs", "0"], "--epochs must be >= 1"),
@@ -60,23 +61,23 @@ def test_bad_argument_in_a_real_process_has_no_traceback(tmp_path):
 
 
 def test_zero_warmup_is_allowed():
-    config = pc.parse_command_line(["--warmup-epochs", "0", "--epochs", "1"])
-    assert pc.seeds_to_run(config) == [42]
+    config = command_line.parse_command_line(["--warmup-epochs", "0", "--epochs", "1"])
+    assert runs.seeds_to_run(config) == [42]
 
 
 def test_seeds_imply_multi_seed():
-    config = pc.parse_command_line(["--seeds", "1,2"])
-    assert config["multi_seed"] and pc.seeds_to_run(config) == [1, 2]
-    assert pc.seeds_to_run(pc.parse_command_line(["--multi-seed"])) == [42, 137, 2024]
+    config = command_line.parse_command_line(["--seeds", "1,2"])
+    assert config["multi_seed"] and runs.seeds_to_run(config) == [1, 2]
+    assert runs.seeds_to_run(command_line.parse_command_line(["--multi-seed"])) == [42, 137, 2024]
     assert (
-        pc.seeds_to_run(pc.parse_command_line(["--seed", "7"])) == [7]
-        and not pc.parse_command_line(["--seed", "7"])["multi_seed"]
+        runs.seeds_to_run(command_line.parse_command_line(["--seed", "7"])) == [7]
+        and not command_line.parse_command_line(["--seed", "7"])["multi_seed"]
     )
 
 
 @pytest.mark.parametrize("epochs, warmup", [(1, 0), (2, 1), (3, 2), (30, 2)])
 def test_warmup_defaults_to_two_but_leaves_an_epoch_after_it(epochs, warmup):
-    assert pc.parse_command_line(["--epochs", str(epochs)])["warmup_epochs"] == warmup
+    assert command_line.parse_command_line(["--epochs", str(epochs)])["warmup_epochs"] == warmup
 
 
 def test_one_epoch_smoke_run(tmp_path):
@@ -85,11 +86,6 @@ def test_one_epoch_smoke_run(tmp_path):
     results = read_json(tmp_path / "results_seed_42.json")
     assert results["config"]["warmup_epochs"] == 0 and len(results["baseline"]["per_epoch"]["lr"]) == 1
     assert results["baseline"]["per_epoch"]["lr"] == [0.01]  # no warmup: the cosine's start, the peak
-
-
-def test_control_help_describes_the_total_update():
-    control = next(a for a in pc.build_parser()._actions if "--control" in a.option_strings)
-    assert "total update" in control.help and "mean" not in control.help
 
 
 def test_importing_leaves_the_environment_alone():
@@ -109,9 +105,11 @@ def test_cuda_asked_for_but_absent(tmp_path):
 def test_more_ranks_than_gpus_stops_every_rank_before_any_collective(tmp_path, monkeypatch, rank):
     # torchrun --nproc_per_node 2 on a one-GPU node: rank 0 must not wait in init_process_group
     # for a rank 1 that has already given up.
-    monkeypatch.setattr(pc.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(pc.torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(pc.dist, "init_process_group", lambda *a, **k: pytest.fail("a collective was started"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(
+        torch.distributed, "init_process_group", lambda *a, **k: pytest.fail("a collective was started")
+    )
     env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": 2, "LOCAL_WORLD_SIZE": 2}
     for key, value in env.items():
         monkeypatch.setenv(key, str(value))
@@ -124,28 +122,37 @@ def test_more_ranks_than_gpus_stops_every_rank_before_any_collective(tmp_path, m
 
 def test_a_cuda_rank_makes_its_gpu_the_current_device(monkeypatch):
     current = []
-    monkeypatch.setattr(pc.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(pc.torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(pc.torch.cuda, "set_device", current.append)
-    assert pc.pick_device("cuda", local_rank=1, local_world=2) == pc.torch.device("cuda", 1) and current == [1]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    assert runs.pick_device("cuda", local_rank=1, local_world=2) == torch.device("cuda", 1) and current == [1]
 
 
-def test_fp32_is_ieee_fp32_after_the_backends_are_set_up(monkeypatch):
+SET_UP_BACKENDS = """
+import os, torch
+from phase_cifar10 import training
+torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+training.set_up_backends()
+cudnn = torch.backends.cudnn
+print(cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, cudnn.deterministic, cudnn.benchmark,
+      torch.are_deterministic_algorithms_enabled(), os.environ["CUBLAS_WORKSPACE_CONFIG"])
+"""
+
+
+def test_fp32_is_ieee_fp32_after_the_backends_are_set_up():
     # Current torch lets cuDNN convolutions use TF32 by default; no GPU is needed to read the flags.
-    monkeypatch.setattr(pc.torch.backends.cudnn, "allow_tf32", True)
-    monkeypatch.setattr(pc.torch.backends.cuda.matmul, "allow_tf32", True)
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    pc.set_up_backends()
-    assert pc.torch.backends.cudnn.allow_tf32 is False and pc.torch.backends.cuda.matmul.allow_tf32 is False
-    assert pc.torch.backends.cudnn.deterministic and not pc.torch.backends.cudnn.benchmark
-    assert pc.os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    # In a process of its own: the flags and deterministic mode are process-wide.
+    env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
+    result = subprocess.run([sys.executable, "-c", SET_UP_BACKENDS], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "False", "True", "False", "True", ":4096:8"]
 
 
 def test_an_interrupt_before_training_does_not_advise_resume(tmp_path, monkeypatch):
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pc, "plan_seed", interrupted)
+    monkeypatch.setattr(runs, "plan_seed", interrupted)
     code, _, stderr = run_main([*TINY, "--output-dir", tmp_path / "out"])
     assert code == 130 and "nothing to resume" in stderr and "--resume" not in stderr
 
@@ -161,7 +168,7 @@ def test_missing_dataset_without_network_says_where_to_put_it(tmp_path, monkeypa
     def offline(dest):
         raise OSError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(pc, "download_cifar10_archive", offline)
+    monkeypatch.setattr(data, "download_cifar10_archive", offline)
     data_dir = tmp_path / "data"
     code, _, stderr = run_main(["--data-dir", data_dir, "--output-dir", tmp_path / "out"])
     assert code == 2 and stderr.count("\n") == 1
@@ -171,7 +178,7 @@ def test_missing_dataset_without_network_says_where_to_put_it(tmp_path, monkeypa
 
 def test_invalid_dataset_stops_before_training(tmp_path):
     write_cifar_folder(tmp_path / "data", per_batch=20)
-    (tmp_path / "data" / pc.CIFAR_FOLDER / "data_batch_2").write_bytes(b"\x80\x02")
+    (tmp_path / "data" / data.CIFAR_FOLDER / "data_batch_2").write_bytes(b"\x80\x02")
     code, stdout, stderr = run_main(["--data-dir", tmp_path / "data", "--output-dir", tmp_path / "out"])
     assert code == 2 and "data_batch_2: not a readable CIFAR-10 pickle" in stderr
     assert " epoch " not in stdout
@@ -208,7 +215,9 @@ def test_subset_larger_than_the_data_creates_nothing(tmp_path):
 
 def test_readme_documents_every_flag():
     readme = (ROOT / "README.md").read_text()
-    flags = {opt for action in pc.build_parser()._actions for opt in action.option_strings if opt.startswith("--")}
+    flags = {
+        opt for action in command_line.build_parser()._actions for opt in action.option_strings if opt.startswith("--")
+    }
     flags.discard("--help")
     missing = sorted(flag for flag in flags if not re.search(re.escape(flag) + r"\b", readme))
     assert missing == []

@@ -1,4 +1,4 @@
-"""PhaseController rules, case by case, and the base schedule."""
+"""PhaseController rules, case by case: dL, every transition, the recommendations, state and arguments."""
 
 import io
 import math
@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import phase_controller as pc
-from phase_controller import PhaseController, base_lr_at, loss_slope
+from phase_controller import PhaseController, loss_slope
+
+pytestmark = pytest.mark.fast
 
 
 def feed(controller, losses, eval_losses=None):
@@ -48,9 +50,11 @@ def test_loss_slope_is_mean_of_last_w_first_differences(losses, window, expected
 def test_controller_exposes_latest_dl():
     ctl = PhaseController(s1_threshold=-100.0)  # never leaves S0
     losses = [2.3, 2.1, 1.8, 1.7, 1.69]
-    for n, loss in enumerate(losses, start=1):
+    # Window 3, worked by hand: 0 before two losses, then (L[n-1] - L[n-1-w]) / w with w = min(3, n-1).
+    expected = [0.0, 2.1 - 2.3, (1.8 - 2.3) / 2, (1.7 - 2.3) / 3, (1.69 - 2.1) / 3]
+    for loss, dl in zip(losses, expected, strict=True):
         ctl.observe(loss)
-        assert ctl.dL == loss_slope(losses[:n], 3)
+        assert ctl.dL == pytest.approx(dl, abs=1e-12)
     assert ctl.losses == losses
 
 
@@ -103,6 +107,16 @@ def test_s1_to_s2_uses_absolute_dl():
     assert ctl.phase == pc.S1_BOUNDARY
     ctl.observe(1.55)  # dL = (1.55 - 1.5) / 3 = +0.0167
     assert ctl.phase == pc.S2_AXIS_LOCK
+
+
+def test_s2_threshold_is_strict():
+    # Window 1: dL is the last difference, exact in binary. |dL| == s2_threshold does not lock the axis.
+    ctl = PhaseController(s1_threshold=-0.01, s2_threshold=0.25, dl_window=1)
+    feed(ctl, [2.0, 1.5, 1.0])  # dL -0.5: S1 at epoch 2
+    feed(ctl, [0.75, 0.5])  # dL exactly -0.25 twice
+    assert ctl.phase == pc.S1_BOUNDARY and ctl.dL == -0.25
+    ctl.observe(0.375)  # dL -0.125
+    assert ctl.phase == pc.S2_AXIS_LOCK and ctl.transition_epochs == {"S1": 2, "S2": 5}
 
 
 # ----- S2 -> S3 -----
@@ -226,8 +240,35 @@ def test_state_dict_carries_every_counter():
 def test_load_state_dict_refuses_incomplete_state():
     state = PhaseController().state_dict()
     del state["stale"]
-    with pytest.raises(KeyError, match="stale"):
+    with pytest.raises(ValueError, match="not a PhaseController state_dict"):
         PhaseController().load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("grad_accum", -3), ("dl_mode", "weird"), ("s2_threshold", math.inf), ("phase", "S9_NONSENSE"),
+        ("stale", -1), ("stale", 1.5), ("losses", "2.0, 1.9"), ("losses", [1.0, math.nan]), ("dL", None),
+        ("transition_epochs", {"S1": 99}), ("transition_epochs", {"S7": 0}), ("transitions", [3]),
+    ],
+)  # fmt: skip
+def test_load_state_dict_refuses_a_bad_entry_and_leaves_the_controller_as_it_was(key, value):
+    ctl = controller_in_s2()
+    before = ctl.state_dict()
+    state = ctl.state_dict() | {key: value}
+    with pytest.raises((TypeError, ValueError)):
+        PhaseController().load_state_dict(state)
+    with pytest.raises((TypeError, ValueError)):
+        ctl.load_state_dict(state)
+    assert ctl.state_dict() == before
+
+
+def test_metrics_are_flat_numbers_and_the_phase_name():
+    ctl = controller_in_s2()
+    assert ctl.metrics() == {"phase": "S2_AXIS_LOCK", "phase_index": 2, "dL": ctl.dL, "lr_mult": 0.5,
+                             "accumulation": 2, "epochs_seen": 6}  # fmt: skip
+    assert PhaseController().metrics() == {"phase": "S0_EXPLORE", "phase_index": 0, "dL": 0.0, "lr_mult": 1.0,
+                                           "accumulation": 1, "epochs_seen": 0}  # fmt: skip
 
 
 # ----- argument checks -----
@@ -244,6 +285,9 @@ def test_load_state_dict_refuses_incomplete_state():
         dict(dl_window=0),
         dict(dl_window=1.5),
         dict(s1_threshold=math.inf),
+        dict(grad_accum=math.inf),
+        dict(s3_patience=-math.inf),
+        dict(dl_window=math.nan),
     ],
 )
 def test_constructor_refuses_bad_settings(kwargs):
@@ -259,23 +303,7 @@ def test_observe_refuses_non_finite_losses(train_loss, eval_loss):
     assert ctl.losses == []
 
 
-# ----- base schedule -----
-
-
-def test_base_schedule_warmup_then_cosine():
-    lrs = [base_lr_at(e, 0.01, 2, 30) for e in range(30)]
-    assert lrs[0] == pytest.approx(0.005) and lrs[1] == pytest.approx(0.01)
-    assert lrs[2] == pytest.approx(0.01)  # cosine starts at its peak
-    assert lrs[16] == pytest.approx(0.005)  # half way through the 28 cosine epochs
-    assert lrs[29] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 27 / 28)))
-    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:], strict=False))
-
-
-def test_base_schedule_without_warmup():
-    assert base_lr_at(0, 0.1, 0, 10) == pytest.approx(0.1)
-    assert base_lr_at(5, 0.1, 0, 10) == pytest.approx(0.05)
-
-
-def test_base_schedule_defaults():
-    assert base_lr_at(0) == pytest.approx(pc.BASE_LR / pc.WARMUP_EPOCHS)
-    assert base_lr_at(pc.EPOCHS - 1) > 0
+@pytest.mark.parametrize("window", [0, -1, 1.5, math.inf])
+def test_loss_slope_refuses_a_window_below_one(window):
+    with pytest.raises(ValueError, match="dl_window"):
+        loss_slope([2.0, 1.0], window)

@@ -13,6 +13,7 @@ import torch
 from helpers import ALL_PHASES, ROOT, TINY, cli, read_json, run_main, without_timings
 
 import phase_controller as pc
+from phase_cifar10 import evidence, files, training
 
 # ----- statistics, against hand-computed cases -----
 
@@ -28,7 +29,7 @@ import phase_controller as pc
     ],
 )
 def test_sign_flip_p_value_is_exact(deltas, p_value):
-    assert pc.sign_flip_p_value(deltas) == pytest.approx(p_value)
+    assert evidence.sign_flip_p_value(deltas) == pytest.approx(p_value)
 
 
 @pytest.mark.parametrize(
@@ -39,7 +40,7 @@ def test_sign_flip_p_value_is_exact(deltas, p_value):
     ],
 )
 def test_sign_flip_beyond_sixteen_seeds_samples_patterns(deltas, low, high):
-    assert low <= pc.sign_flip_p_value(deltas) <= high
+    assert low <= evidence.sign_flip_p_value(deltas) <= high
 
 
 @pytest.mark.parametrize(
@@ -51,21 +52,21 @@ def test_sign_flip_beyond_sixteen_seeds_samples_patterns(deltas, low, high):
     ],
 )
 def test_bootstrap_interval_in_hand_computable_cases(values, interval):
-    assert pc.bootstrap_ci(values) == pytest.approx(interval)
+    assert evidence.bootstrap_ci(values) == pytest.approx(interval)
 
 
 def test_bootstrap_interval_of_a_skewed_sample():
     # A resample mean of [0, 0, 0, 1] is k/4 with k ~ Binomial(4, 1/4): P(0) = 0.32, so the 2.5th
     # percentile is 0; P(k <= 2) = 0.949 and P(k <= 3) = 0.996, so the 97.5th is 3/4.
-    assert pc.bootstrap_ci([0.0, 0.0, 0.0, 1.0]) == pytest.approx([0.0, 0.75])
+    assert evidence.bootstrap_ci([0.0, 0.0, 0.0, 1.0]) == pytest.approx([0.0, 0.75])
 
 
 def test_paired_stats_fields():
-    s = pc.paired_stats({42: 1.0, 7: 2.0, 137: 3.0})
+    s = evidence.paired_stats({42: 1.0, 7: 2.0, 137: 3.0})
     assert s["per_seed"] == {"42": 1.0, "7": 2.0, "137": 3.0} and s["mean"] == 2.0 and s["median"] == 2.0
     assert s["std"] == pytest.approx(1.0) and s["positive"] == 3 and s["total"] == 3
     assert s["p_value"] == pytest.approx(0.25) and s["ci95"][0] >= 1.0 and s["ci95"][1] <= 3.0
-    assert pc.paired_stats({5: 0.5})["std"] is None
+    assert evidence.paired_stats({5: 0.5})["std"] is None
 
 
 # ----- the LR-matched control arm and validation selection -----
@@ -95,7 +96,7 @@ def phase_log(multipliers, accumulations, batches, base_lr=0.01, warmup=2):
     epochs = len(multipliers)
     lrs = [b * m for b, m in zip(schedule(base_lr, warmup, epochs), multipliers, strict=True)]
     steps = [-(-batches // k) for k in accumulations]
-    log = {"lr": lrs, "lr_mult": multipliers, "grad_accum": accumulations, "steps": steps}
+    log = {"lr": lrs, "lr_mult": multipliers, "accumulation": accumulations, "steps": steps}
     config = {"base_lr": base_lr, "warmup_epochs": warmup, "epochs": epochs, "batch_size": 128}
     return {"status": "ok", "per_epoch": log}, {**config, "train_size": 128 * batches}
 
@@ -111,7 +112,7 @@ def phase_log(multipliers, accumulations, batches, base_lr=0.01, warmup=2):
 )
 def test_control_constant_matches_the_total_update(multipliers, accumulations, matched, mean):
     arm, cfg = phase_log(multipliers, accumulations, batches=390)  # even: accumulation 2 halves the steps
-    assert pc.matched_lr_mult(arm, cfg) == pytest.approx(matched, abs=5e-5)
+    assert training.matched_lr_mult(arm, cfg) == pytest.approx(matched, abs=5e-5)
     assert np.mean(multipliers) == pytest.approx(mean)  # what the old control used, for contrast
 
 
@@ -119,14 +120,14 @@ def test_control_constant_by_hand_on_three_epochs():
     # Warmup 1 of 3 epochs: base LRs 1, 1, 0.5 (x base_lr). Four batches: 4, 4, 2 steps, so the
     # update is 1*1*4/4 + 2*1*4/4 + 0.5*0.5*2/4 = 3.125 against a sum of base LRs of 2.5.
     arm, cfg = phase_log([1.0, 2.0, 0.5], [1, 1, 2], batches=4, base_lr=1.0, warmup=1)
-    assert pc.matched_lr_mult(arm, cfg) == pytest.approx(1.25)
+    assert training.matched_lr_mult(arm, cfg) == pytest.approx(1.25)
 
 
 def test_control_constant_counts_the_short_last_window():
     # The same epochs with three batches: accumulation 2 takes 2 steps of 3 (a short last window
     # still steps), not 1.5. Update 1 + 2 + 0.5*0.5*2/3 = 3 + 1/6; divided by 2.5: 19/15.
     arm, cfg = phase_log([1.0, 2.0, 0.5], [1, 1, 2], batches=3, base_lr=1.0, warmup=1)
-    assert pc.matched_lr_mult(arm, cfg) == pytest.approx(19 / 15)
+    assert training.matched_lr_mult(arm, cfg) == pytest.approx(19 / 15)
 
 
 def test_control_constant_of_the_synthetic_example():
@@ -136,7 +137,7 @@ def test_control_constant_of_the_synthetic_example():
     # Update: 0.5 + 1 + 1 + 1.1 * 0.904508 + 0.5 * (2/3) * (0.654508 + 0.345492 + 0.095492) = 3.860123.
     arm, cfg = phase_log([1.0, 1.0, 1.0, 1.1, 0.5, 0.5, 0.5], [1, 1, 1, 1, 2, 2, 2], batches=3)
     assert arm["per_epoch"]["steps"] == [3, 3, 3, 3, 2, 2, 2]
-    assert pc.matched_lr_mult(arm, cfg) == pytest.approx(3.860123 / 4.5, abs=1e-6)  # 0.85780; 1/k gave 0.83752
+    assert training.matched_lr_mult(arm, cfg) == pytest.approx(3.860123 / 4.5, abs=1e-6)  # 0.85780; 1/k gave 0.83752
 
 
 def test_control_arm_runs_at_the_matched_constant(control_run):
@@ -145,15 +146,17 @@ def test_control_arm_runs_at_the_matched_constant(control_run):
     # The phase arm's recorded LRs are m*b and the baseline's are b: the matched constant from the logs.
     # 256 images in batches of 64: four micro-batches, so 4 steps at accumulation 1 and 2 at 2.
     steps = phase["per_epoch"]["steps"]
-    assert steps == [4 if k == 1 else 2 for k in phase["per_epoch"]["grad_accum"]]
+    assert steps == [4 if k == 1 else 2 for k in phase["per_epoch"]["accumulation"]]
     assert base["per_epoch"]["steps"] == control["per_epoch"]["steps"] == [4] * 5
     update = sum(lr * s / 4 for lr, s in zip(phase["per_epoch"]["lr"], steps, strict=True))
     expected = update / sum(base["per_epoch"]["lr"])
-    assert control["lr_mult"] == pytest.approx(expected, rel=1e-12) and control["lr_mult"] > 1.0  # the pulse
+    assert (
+        control["fixed_lr_mult"] == pytest.approx(expected, rel=1e-12) and control["fixed_lr_mult"] > 1.0
+    )  # the pulse
     assert phase["mean_lr_mult"] == pytest.approx(sum(phase["per_epoch"]["lr_mult"]) / 5)
     for lr_control, lr_base in zip(control["per_epoch"]["lr"], base["per_epoch"]["lr"], strict=True):
         assert lr_control == pytest.approx(lr_base * expected, rel=1e-12)
-    assert "grad_accum" not in control["per_epoch"]  # accumulation 1 throughout
+    assert "accumulation" not in control["per_epoch"]  # accumulation 1 throughout
     assert results["delta_best_acc_vs_control"] == phase["best_acc"] - control["best_acc"]
     assert results["delta_final_acc_vs_control"] == phase["final_acc"] - control["final_acc"]
     assert results["delta_best_acc"] == phase["best_acc"] - base["best_acc"]
@@ -207,7 +210,7 @@ def test_summary_fields(multi_seed_run):
     summary = read_json(out / "multi_seed_summary.json")
     assert summary["seeds"] == [3, 7]
     seeds = {s: read_json(out / f"results_seed_{s}.json") for s in (3, 7)}
-    assert summary["config"] == pc.run_identity(seeds[3]["config"])
+    assert summary["config"] == files.run_identity(seeds[3]["config"])
     for arm in ("baseline", "phase_aware"):
         best = summary["arms"][arm]["best_acc"]
         per_seed = {str(s): r[arm]["best_acc"] for s, r in seeds.items()}
@@ -298,7 +301,7 @@ def crafted(seed, baseline_final, phase_final, phases=(S0, S0, S1, S1, S2, S2), 
         per_epoch = {"eval_acc": [final - 1.0] * (len(lrs) - 1) + [final], "lr": lrs, **extra}
         return {"status": "ok", "best_acc": final, "final_acc": final, "per_epoch": per_epoch}
 
-    config = {key: 0 for key in pc.RUN_KEYS} | {"dataset": "synthetic", "seed": seed, "epochs": 6}
+    config = {key: 0 for key in files.RUN_KEYS} | {"dataset": "synthetic", "seed": seed, "epochs": 6}
     phase = arm(phase_final, phase_lrs, phase=list(phases))
     phase["transition_epochs"] = transitions
     if status == "diverged":
@@ -315,8 +318,8 @@ def summarize(tmp_path, files):
 
 
 def test_a_diverged_pair_is_excluded_and_deltas_keep_their_seeds(tmp_path):
-    files = [crafted(1, 50.0, 51.5), crafted(2, 50.0, 20.0, status="diverged"), crafted(3, 60.0, 59.5)]
-    summary, stdout = summarize(tmp_path, files)
+    results_files = [crafted(1, 50.0, 51.5), crafted(2, 50.0, 20.0, status="diverged"), crafted(3, 60.0, 59.5)]
+    summary, stdout = summarize(tmp_path, results_files)
     comparison = summary["comparisons"]["phase_aware_vs_baseline"]
     assert comparison["pairs"] == 2
     assert comparison["excluded"] == [{"seed": 2, "reason": "phase_aware diverged at epoch 3"}]
@@ -426,7 +429,7 @@ def test_replay_of_a_json_list(tmp_path):
     assert code == 0 and "transition epoch 2: S0_EXPLORE -> S1_BOUNDARY" in stdout
     replayed = read_json(tmp_path / "replay_losses.json")
     assert [row["phase"] for row in replayed["per_epoch"]] == [S0, S0, S1, S1, S1, S1, S1, S2, S2]
-    assert replayed["per_epoch"][-1]["lr_mult"] == 0.5 and replayed["per_epoch"][-1]["grad_accum"] == 2
+    assert replayed["per_epoch"][-1]["lr_mult"] == 0.5 and replayed["per_epoch"][-1]["accumulation"] == 2
 
 
 # S1 at epoch 2, S2 at epoch 6, then eval losses 1.47 (best), 1.47, 1.48: two stale, S3 at epoch 9.

@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import ALL_PHASES, ROOT, TINY, cli, leftover_temp_files, read_json, run_main, without_timings
 
-import phase_controller as pc
+from phase_cifar10 import files, runs, training
 
 RUN = [*TINY, *ALL_PHASES]
 
@@ -61,7 +61,7 @@ def test_interrupt_stops_cleanly_with_a_resume_hint(tmp_path, sig):
 
 def interrupt_after(monkeypatch, epochs):
     """Raise KeyboardInterrupt, as Ctrl-C would, once `epochs` epochs have been logged."""
-    original, logged = pc.log_epoch, []
+    original, logged = training.log_epoch, []
 
     def log_then_interrupt(*args):
         original(*args)
@@ -69,7 +69,7 @@ def interrupt_after(monkeypatch, epochs):
         if len(logged) == epochs:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(pc, "log_epoch", log_then_interrupt)
+    monkeypatch.setattr(training, "log_epoch", log_then_interrupt)
 
 
 def test_in_process_interrupt_and_resume_equal_the_uninterrupted_run(tmp_path, monkeypatch, default_run):
@@ -106,14 +106,14 @@ def test_resume_with_changed_settings_is_refused(tmp_path, monkeypatch, change, 
 @pytest.fixture
 def killed_before_the_results_file(tmp_path, monkeypatch):
     """A run interrupted after its figure was drawn but before its results file was written."""
-    write_json = pc.write_json
+    write_json = runs.write_json
 
     def interrupted_at_results(path, obj):
         if path.name.startswith("results_seed_"):
             raise KeyboardInterrupt
         write_json(path, obj)
 
-    monkeypatch.setattr(pc, "write_json", interrupted_at_results)
+    monkeypatch.setattr(runs, "write_json", interrupted_at_results)
     assert run_main([*RUN, "--output-dir", tmp_path])[0] == 130
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == [
@@ -166,17 +166,17 @@ def test_without_resume_a_run_starts_afresh(tmp_path, monkeypatch):
     assert stdout.count("baseline    epoch") == 3
 
 
-def test_checkpoint_of_an_older_version_is_a_clear_error(tmp_path, monkeypatch):
+def test_checkpoint_missing_a_part_is_a_clear_error(tmp_path, monkeypatch):
     interrupt_after(monkeypatch, 2)
     assert run_main([*RUN, "--output-dir", tmp_path])[0] == 130
     monkeypatch.undo()
     path = tmp_path / "checkpoint_seed_42_baseline.pt"
     state = torch.load(path, weights_only=True)
-    del state["scheduler"]  # as checkpoints were before PhaseScheduler
+    del state["scheduler"]
     torch.save(state, path)
     code, _, stderr = run_main([*RUN, "--output-dir", tmp_path, "--resume"])
     assert code == 2 and stderr.count("\n") == 1
-    assert "written by an older version" in stderr and "delete it to start that seed afresh" in stderr
+    assert f"cannot restore {path}" in stderr and "'scheduler'" in stderr and "delete it to start afresh" in stderr
 
 
 def test_unreadable_checkpoint_on_resume_is_a_clear_error(tmp_path):
@@ -231,7 +231,7 @@ def test_atomic_write_leaves_the_old_file_and_no_temp_on_failure(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        pc.write_atomically(target, fails_half_way)
+        files.write_atomically(target, fails_half_way)
     assert target.read_text() == "old" and os.listdir(tmp_path) == ["results.json"]
 
 
@@ -248,8 +248,8 @@ HOLD_LOCK = """
 import sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-import phase_controller as pc
-with pc.seed_lock(Path(sys.argv[2]), 42):
+from phase_cifar10 import runs
+with runs.seed_lock(Path(sys.argv[2]), 42):
     print("held", flush=True)
     time.sleep(120)
 """

@@ -11,6 +11,7 @@ import torch
 from helpers import ROOT, run_main
 
 import phase_controller as pc
+from phase_cifar10 import training
 
 # ----- a scripted loss curve that walks the controller through every phase -----
 
@@ -103,7 +104,9 @@ def test_without_a_base_the_lrs_at_construction_are_the_constant_base():
 
 def test_without_a_controller_the_multiplier_is_constant():
     optimizer = two_groups()
-    scheduler = pc.PhaseScheduler(optimizer, base=torch.optim.lr_scheduler.ExponentialLR(optimizer, 0.5), lr_mult=1.5)
+    scheduler = pc.PhaseScheduler(
+        optimizer, base=torch.optim.lr_scheduler.ExponentialLR(optimizer, 0.5), fixed_lr_mult=1.5
+    )
     assert scheduler.get_last_lr() == pytest.approx([0.15, 0.03])
     optimizer.step()
     scheduler.step()
@@ -194,7 +197,7 @@ def test_reprs_show_phase_multiplier_and_accumulation():
 
 
 def test_without_a_controller_observe_returns_the_fixed_recommendation():
-    scheduler = pc.PhaseScheduler(two_groups(), lr_mult=0.8)
+    scheduler = pc.PhaseScheduler(two_groups(), fixed_lr_mult=0.8)
     assert scheduler.observe(2.0, 1.0) == (0.8, 1) and scheduler.get_last_lr() == pytest.approx([0.08, 0.016])
 
 
@@ -204,8 +207,8 @@ def test_without_a_controller_observe_returns_the_fixed_recommendation():
         (lambda: pc.PhaseScheduler("an optimizer"), "optimizer must be a torch.optim.Optimizer"),
         (lambda: pc.PhaseScheduler(two_groups(), controller="S0"), "controller must be a PhaseController"),
         (lambda: pc.PhaseScheduler(two_groups(), base=0.1), "base must be a torch LR scheduler"),
-        (lambda: pc.PhaseScheduler(two_groups(), lr_mult=0), "lr_mult must be > 0"),
-        (lambda: pc.PhaseScheduler(two_groups(), lr_mult="1.0"), "lr_mult must be a number"),
+        (lambda: pc.PhaseScheduler(two_groups(), fixed_lr_mult=0), "fixed_lr_mult must be > 0"),
+        (lambda: pc.PhaseScheduler(two_groups(), fixed_lr_mult="1.0"), "fixed_lr_mult must be a number"),
         (lambda: pc.PhaseController(s1_threshold="-0.02"), "s1_threshold must be a number"),
         (lambda: pc.PhaseController(grad_accum=2.5), "grad_accum must be an integer"),
         (lambda: pc.PhaseController(dl_window=True), "dl_window must be a number"),
@@ -297,8 +300,10 @@ def test_readme_example_runs(tmp_path, monkeypatch, capsys):
 def test_package_dependencies_are_the_requirements():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     lines = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
-    assert project["dependencies"] == [line for line in lines if line and not line.startswith("#")]
-    assert project["scripts"] == {"phase-controller": "phase_controller:main"}
+    assert project["dependencies"] == ["torch>=2.4"]  # the library: torch alone
+    requirements = [line for line in lines if line and not line.startswith("#")]
+    assert requirements == project["dependencies"] + project["optional-dependencies"]["demo"]
+    assert project["scripts"] == {"phase-controller": "phase_cifar10:main"}
 
 
 # ----- the live progress line -----
@@ -312,7 +317,7 @@ class Terminal(io.StringIO):
 def test_progress_line_on_a_terminal():
     batches = [(torch.zeros(4), torch.zeros(4)) for _ in range(3)]
     terminal = Terminal()
-    assert list(pc.show_batches(iter(batches), 3, "seed 1 baseline", terminal)) == batches
+    assert list(training.show_batches(iter(batches), 3, "seed 1 baseline", terminal)) == batches
     text = terminal.getvalue()
     assert "\rseed 1 baseline  batch 3/3  " in text and " img/s  ETA 0s" in text and "\n" not in text
     assert text.endswith("\r\x1b[K")  # cleared for the epoch's own line
@@ -321,14 +326,14 @@ def test_progress_line_on_a_terminal():
 def test_no_progress_line_in_a_pipe():
     stream = io.StringIO()
     batches = [(torch.zeros(4), torch.zeros(4)) for _ in range(3)]
-    assert list(pc.show_batches(iter(batches), 3, "x", stream)) == batches and stream.getvalue() == ""
+    assert list(training.show_batches(iter(batches), 3, "x", stream)) == batches and stream.getvalue() == ""
 
 
 class QueuedBatch:
     """Labels on an accelerator that runs behind the host: only their count and device matter here."""
 
     def __init__(self, n, device):
-        self.n, self.device = n, pc.torch.device(device)
+        self.n, self.device = n, torch.device(device)
 
     def __len__(self):
         return self.n
@@ -336,27 +341,9 @@ class QueuedBatch:
 
 def test_progress_line_waits_for_the_accelerator_before_reading_the_clock(monkeypatch):
     waits = []
-    monkeypatch.setattr(pc.torch.cuda, "synchronize", waits.append)
+    monkeypatch.setattr(torch.cuda, "synchronize", waits.append)
     batches = [(None, QueuedBatch(4, "cuda:0")) for _ in range(3)]
     terminal = Terminal()
-    assert len(list(pc.show_batches(iter(batches), 3, "x", terminal))) == 3
+    assert len(list(training.show_batches(iter(batches), 3, "x", terminal))) == 3
     drawn = terminal.getvalue().count("batch ")
-    assert drawn >= 1 and waits == [pc.torch.device("cuda:0")] * drawn  # once per line drawn, never per batch
-
-
-def test_state_dicts_saved_under_the_old_names_still_load():
-    # Before the renames the controller kept window/slope and the scheduler grad_accum for the
-    # accumulation in force.
-    ctl = pc.PhaseController(dl_window=2, dl_mode="relative")
-    for loss in LOSSES[:3]:
-        ctl.observe(loss)
-    old = ctl.state_dict()
-    old["window"], old["slope"] = old.pop("dl_window"), old.pop("dl_mode")
-    restored = pc.PhaseController()
-    restored.load_state_dict(old)
-    assert restored.dl_window == 2 and restored.dl_mode == "relative" and restored.phase == ctl.phase
-    scheduler = pc.PhaseScheduler(two_groups(), pc.PhaseController())
-    state = scheduler.state_dict()
-    state["grad_accum"] = state.pop("accumulation") + 1
-    scheduler.load_state_dict(state)
-    assert scheduler.accumulation == 2
+    assert drawn >= 1 and waits == [torch.device("cuda:0")] * drawn  # once per line drawn, never per batch

@@ -1,6 +1,7 @@
 """The training loop: gradient accumulation, the paired arms end to end, the outputs."""
 
 import copy
+import math
 from contextlib import nullcontext
 
 import pytest
@@ -9,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from helpers import TINY, read_json, run_main
 
-import phase_controller as pc
+from phase_cifar10 import data, loader, model, training
 
 # ----- gradient accumulation -----
 
@@ -19,8 +20,8 @@ def toy_model():
     return nn.Sequential(nn.Flatten(), nn.Linear(12, 5))  # no BatchNorm: batch statistics would differ
 
 
-def sgd(model):
-    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+def sgd(net):
+    return torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
 
 
 def test_accumulating_two_micro_batches_equals_one_step_on_their_union():
@@ -28,8 +29,10 @@ def test_accumulating_two_micro_batches_equals_one_step_on_their_union():
     split, union = toy_model(), toy_model()
     opt_split, opt_union = sgd(split), sgd(union)
     for _ in range(3):  # several epochs, so momentum buffers are compared too
-        loss_split, acc_split, _ = pc.train_epoch(split, opt_split, [(x[:8], y[:8]), (x[8:], y[8:])], 2, nullcontext())
-        loss_union, acc_union, _ = pc.train_epoch(union, opt_union, [(x, y)], 1, nullcontext())
+        loss_split, acc_split, _ = training.train_epoch(
+            split, opt_split, [(x[:8], y[:8]), (x[8:], y[8:])], 2, nullcontext()
+        )
+        loss_union, acc_union, _ = training.train_epoch(union, opt_union, [(x, y)], 1, nullcontext())
         assert loss_split == pytest.approx(loss_union, rel=1e-6) and acc_split == acc_union
     for p, q in zip(split.parameters(), union.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
@@ -53,7 +56,7 @@ def test_every_window_steps_on_the_per_sample_mean_of_its_samples(sizes, accum, 
     split, union = toy_model(), toy_model()
     opt_split, opt_union = sgd(split), sgd(union)
     for _ in range(2):
-        pc.train_epoch(split, opt_split, micro, accum, nullcontext())
+        training.train_epoch(split, opt_split, micro, accum, nullcontext())
         for images, labels in unions:
             opt_union.zero_grad()
             F.cross_entropy(union(images), labels).backward()
@@ -64,35 +67,35 @@ def test_every_window_steps_on_the_per_sample_mean_of_its_samples(sizes, accum, 
 
 @pytest.mark.parametrize("micro_batches, accum, steps", [(5, 1, 5), (5, 2, 3), (6, 3, 2), (2, 4, 1)])
 def test_optimizer_steps_every_k_micro_batches_and_after_the_last(micro_batches, accum, steps):
-    model = toy_model()
-    optimizer = sgd(model)
+    net = toy_model()
+    optimizer = sgd(net)
     calls = []
     original_step = optimizer.step
     optimizer.step = lambda: calls.append(1) or original_step()
     batches = [(torch.randn(4, 3, 2, 2), torch.randint(0, 5, (4,))) for _ in range(micro_batches)]
-    _, _, counted = pc.train_epoch(model, optimizer, batches, accum, nullcontext())
+    _, _, counted = training.train_epoch(net, optimizer, batches, accum, nullcontext())
     assert len(calls) == steps and counted == steps  # what it reports is what it took
-    assert all(p.grad is None for p in model.parameters())  # nothing left over for the next epoch
+    assert all(p.grad is None for p in net.parameters())  # nothing left over for the next epoch
 
 
 def test_reported_loss_is_the_unscaled_per_sample_mean():
-    model = toy_model()
+    net = toy_model()
     x, y = torch.randn(8, 3, 2, 2), torch.randint(0, 5, (8,))
     with torch.no_grad():
-        expected = F.cross_entropy(model(x), y).item()  # one step at the end: all losses seen at start weights
-        expected_acc = 100 * (model(x).argmax(1) == y).float().mean().item()
-    loss, acc, _ = pc.train_epoch(model, sgd(model), [(x[:3], y[:3]), (x[3:], y[3:])], 4, nullcontext())
+        expected = F.cross_entropy(net(x), y).item()  # one step at the end: all losses seen at start weights
+        expected_acc = 100 * (net(x).argmax(1) == y).float().mean().item()
+    loss, acc, _ = training.train_epoch(net, sgd(net), [(x[:3], y[:3]), (x[3:], y[3:])], 4, nullcontext())
     assert loss == pytest.approx(expected, rel=1e-6) and acc == pytest.approx(expected_acc)
 
 
 def test_evaluate_is_mean_loss_and_accuracy_over_the_split():
-    data = pc.synthetic_dataset(0)
-    split = pc.DeviceSplit(data.test_x[:300], data.test_y[:300], torch.device("cpu"))
-    model = pc.build_model(8, 0, torch.device("cpu")).eval()
+    dataset = data.synthetic_dataset(0)
+    split = loader.DeviceSplit(dataset.test_x[:300], dataset.test_y[:300], torch.device("cpu"))
+    net = model.build_model(8, 0, torch.device("cpu")).eval()
     with torch.no_grad():
         x = torch.cat([x for x, _ in split.eval_batches(1000)])
-        logits = model(x)
-    loss, acc = pc.evaluate(model, split, nullcontext())
+        logits = net(x)
+    loss, acc = training.evaluate(net, split, nullcontext())
     assert loss == pytest.approx(F.cross_entropy(logits, split.labels).item(), rel=1e-5)
     assert acc == pytest.approx(100 * (logits.argmax(1) == split.labels).float().mean().item())
 
@@ -111,7 +114,7 @@ def test_outputs_and_their_keys(default_run):
     assert flags | {"torch_version", "model_params", "precision", "memory_format"} <= set(config)
     assert config["dataset"] == "synthetic" and config["precision"] == "fp32" and config["device"] == "cpu"
     assert config["tf32"] is False  # fp32 means IEEE fp32, also where a GPU would offer TF32
-    assert config["model_params"] == sum(p.numel() for p in pc.CifarResNet(config["width"]).parameters())
+    assert config["model_params"] == sum(p.numel() for p in model.CifarResNet(config["width"]).parameters())
     assert set(results) == {"config", "baseline", "phase_aware", "delta_best_acc", "delta_final_acc"}
     per_epoch = ["train_loss", "train_acc", "eval_loss", "eval_acc", "lr", "steps", "train_seconds", "eval_seconds"]
     for name in ("baseline", "phase_aware"):
@@ -122,11 +125,11 @@ def test_outputs_and_their_keys(default_run):
         assert arm["best_acc"] == max(arm["per_epoch"]["eval_acc"])
         assert arm["final_acc"] == arm["per_epoch"]["eval_acc"][-1]
     phase = results["phase_aware"]
-    assert all(len(phase["per_epoch"][k]) == 6 for k in ("phase", "dL", "lr_mult", "grad_accum"))
+    assert all(len(phase["per_epoch"][k]) == 6 for k in ("phase", "dL", "lr_mult", "accumulation"))
     assert {"transitions", "transition_epochs"} <= set(phase)
     # 256 images in batches of 64: 4 steps an epoch at accumulation 1, 2 at accumulation 2.
     assert results["baseline"]["per_epoch"]["steps"] == [4] * 6
-    assert phase["per_epoch"]["steps"] == [4, 4, 4, 4, 2, 2] and phase["per_epoch"]["grad_accum"][-2:] == [2, 2]
+    assert phase["per_epoch"]["steps"] == [4, 4, 4, 4, 2, 2] and phase["per_epoch"]["accumulation"][-2:] == [2, 2]
     assert results["delta_best_acc"] == phase["best_acc"] - results["baseline"]["best_acc"]
     assert results["delta_final_acc"] == phase["final_acc"] - results["baseline"]["final_acc"]
 
@@ -144,21 +147,26 @@ def test_phase_arm_walks_the_phases_with_a_one_epoch_delay(default_run):
         "S2_AXIS_LOCK": (0.5, 2),
         "S3_POLISH": (0.1, 2),
     }
-    assert (log["lr_mult"][0], log["grad_accum"][0]) == (1.0, 1)
+    assert (log["lr_mult"][0], log["accumulation"][0]) == (1.0, 1)
     for epoch in range(1, 6):  # what epoch e applied is what the phase after epoch e-1 recommends
-        assert (log["lr_mult"][epoch], log["grad_accum"][epoch]) == table[log["phase"][epoch - 1]]
-    assert 2 in log["grad_accum"]  # accumulation was exercised
-    for epoch in range(6):
-        base = pc.base_lr_at(epoch, cfg["base_lr"], cfg["warmup_epochs"], cfg["epochs"])
+        assert (log["lr_mult"][epoch], log["accumulation"][epoch]) == table[log["phase"][epoch - 1]]
+    assert 2 in log["accumulation"]  # accumulation was exercised
+    # The base schedule worked out by hand for base LR 0.01, 2 warmup epochs of 6: 0.005, 0.01, then
+    # a cosine over the last 4 epochs, 0.01 * (1 + cos(pi * k / 4)) / 2 for k = 0..3.
+    assert (cfg["base_lr"], cfg["warmup_epochs"], cfg["epochs"], cfg["dl_window"]) == (0.01, 2, 6, 3)
+    base_lrs = [0.005, 0.01, 0.01, 0.01 * (2 + 2**0.5) / 4, 0.005, 0.01 * (2 - 2**0.5) / 4]
+    losses = log["train_loss"]
+    for epoch, base in enumerate(base_lrs):
         assert log["lr"][epoch] == pytest.approx(base * log["lr_mult"][epoch])
         assert results["baseline"]["per_epoch"]["lr"][epoch] == pytest.approx(base)
-        assert log["dL"][epoch] == pytest.approx(pc.loss_slope(log["train_loss"][: epoch + 1], cfg["dl_window"]))
+        w = min(3, epoch)  # dL: the mean of the last w first differences, 0 at the first epoch
+        assert log["dL"][epoch] == pytest.approx((losses[epoch] - losses[epoch - w]) / w if w else 0.0)
 
 
 def test_arms_are_bit_identical_until_the_multipliers_differ(default_run):
     _, results, _ = default_run
     base, phase = results["baseline"]["per_epoch"], results["phase_aware"]["per_epoch"]
-    applied = list(zip(phase["lr_mult"], phase["grad_accum"], strict=True))
+    applied = list(zip(phase["lr_mult"], phase["accumulation"], strict=True))
     first = next(e for e, rec in enumerate(applied) if rec != (1.0, 1))
     assert first == 3
     for epoch in range(first):
@@ -189,12 +197,12 @@ def test_channels_last_path_trains_too(tmp_path):
 
 def test_a_model_copy_is_independent_of_the_other_arm():
     # Arms build their own model from the seed: training one leaves the other's start untouched.
-    a = pc.build_model(8, 7, torch.device("cpu"))
+    a = model.build_model(8, 7, torch.device("cpu"))
     start = copy.deepcopy(a.state_dict())
     opt = torch.optim.SGD(a.parameters(), lr=0.1)
     F.cross_entropy(a(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3])).backward()
     opt.step()
-    b = pc.build_model(8, 7, torch.device("cpu"))
+    b = model.build_model(8, 7, torch.device("cpu"))
     assert all(torch.equal(start[k], v) for k, v in b.state_dict().items())
 
 
@@ -204,16 +212,16 @@ def test_a_model_copy_is_independent_of_the_other_arm():
 def test_bf16_autocast_only_where_cpus_compute_it_natively(monkeypatch, amx, avx512_bf16, expected):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
-    assert pc.native_bf16(torch.device("cpu")) is expected
-    assert pc.native_bf16(torch.device("mps")) is False
+    assert training.native_bf16(torch.device("cpu")) is expected
+    assert training.native_bf16(torch.device("mps")) is False
 
 
 def test_bf16_autocast_computes_in_bf16():
-    model = pc.build_model(4, 0, torch.device("cpu"))
-    with pc.autocast_for(torch.device("cpu"), "bf16-autocast"):
-        assert model(torch.randn(2, 3, 32, 32)).dtype == torch.bfloat16
-    with pc.autocast_for(torch.device("cpu"), "fp32"):
-        assert model(torch.randn(2, 3, 32, 32)).dtype == torch.float32
+    net = model.build_model(4, 0, torch.device("cpu"))
+    with training.autocast_for(torch.device("cpu"), "bf16-autocast"):
+        assert net(torch.randn(2, 3, 32, 32)).dtype == torch.bfloat16
+    with training.autocast_for(torch.device("cpu"), "fp32"):
+        assert net(torch.randn(2, 3, 32, 32)).dtype == torch.float32
 
 
 @pytest.mark.parametrize(
@@ -226,10 +234,12 @@ def test_bf16_autocast_computes_in_bf16():
     ],
 )
 def test_bf16_flag_decides_what_training_computes_in(tmp_path, monkeypatch, flag, native, precision, dtype):
-    monkeypatch.setattr(pc, "native_bf16", lambda device: native)
+    monkeypatch.setattr(training, "native_bf16", lambda device: native)
     seen, cross_entropy = set(), F.cross_entropy
     monkeypatch.setattr(
-        pc.F, "cross_entropy", lambda logits, *a, **k: seen.add(logits.dtype) or cross_entropy(logits, *a, **k)
+        torch.nn.functional,
+        "cross_entropy",
+        lambda logits, *a, **k: seen.add(logits.dtype) or cross_entropy(logits, *a, **k),
     )
     argv = [*TINY, "--epochs", "1", "--warmup-epochs", "0", "--subset", "64", "--bf16", flag, "--output-dir", tmp_path]
     code, _, stderr = run_main(argv)
@@ -238,3 +248,25 @@ def test_bf16_flag_decides_what_training_computes_in(tmp_path, monkeypatch, flag
     assert results["config"]["precision"] == precision and results["config"]["bf16"] == flag
     # Training logits come out of the model in bf16 under autocast; evaluation casts its own to fp32.
     assert (torch.bfloat16 in seen) is (dtype == torch.bfloat16) and results["baseline"]["status"] == "ok"
+
+
+# ----- base schedule -----
+
+
+def test_base_schedule_warmup_then_cosine():
+    lrs = [model.base_lr_at(e, 0.01, 2, 30) for e in range(30)]
+    assert lrs[0] == pytest.approx(0.005) and lrs[1] == pytest.approx(0.01)
+    assert lrs[2] == pytest.approx(0.01)  # cosine starts at its peak
+    assert lrs[16] == pytest.approx(0.005)  # half way through the 28 cosine epochs
+    assert lrs[29] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 27 / 28)))
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:], strict=False))
+
+
+def test_base_schedule_without_warmup():
+    assert model.base_lr_at(0, 0.1, 0, 10) == pytest.approx(0.1)
+    assert model.base_lr_at(5, 0.1, 0, 10) == pytest.approx(0.05)
+
+
+def test_base_schedule_defaults():
+    assert model.base_lr_at(0) == pytest.approx(model.BASE_LR / model.WARMUP_EPOCHS)
+    assert model.base_lr_at(model.EPOCHS - 1) > 0

@@ -1,0 +1,37 @@
+"""The CIFAR-10 experiment around phase_controller.py, one file per stage, in the order data flows:
+
+    model.py         hyperparameters, the shared base schedule, the narrow CIFAR ResNet
+    files.py         one-line errors, atomic writes, what identifies a run in its results file
+    data.py          CIFAR-10 read safely, downloaded and checked; the synthetic task; the splits
+    loader.py        whole splits on the training device, augmented a whole epoch at a time
+    training.py      one training loop for every arm, the arm's epoch, checkpoints, the control
+    evidence.py      paired statistics, the multi-seed summary, the success criteria
+    figures.py       per-seed and summary figures
+    replay.py        the controller over a logged loss curve
+    runs.py          seeds, devices, locks, torchrun: a seed's arms from start to results file
+    command_line.py  the flags and main()
+
+The mechanism itself is phase_controller.py, which needs torch only; this package adds numpy and
+matplotlib (`pip install ".[demo]"`).
+"""
+
+import importlib.util
+import sys
+
+# What the experiment needs beyond the library, as `pip install` names them.
+DEMO_REQUIREMENTS = {"numpy": "numpy", "matplotlib": "matplotlib"}
+
+
+def main(argv=None):
+    """The `phase-controller` command and `python phase_controller.py`; returns the exit code."""
+    missing = [name for module, name in DEMO_REQUIREMENTS.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        print(
+            f"phase_controller.py: error: the experiment needs {' and '.join(missing)}, which are not installed: "
+            f"pip install {' '.join(missing)} (or install this package with its demo extra, pip install '.[demo]')",
+            file=sys.stderr,
+        )
+        return 2
+    from .command_line import main as run_command_line
+
+    return run_command_line(argv)

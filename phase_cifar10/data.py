@@ -1,0 +1,228 @@
+"""CIFAR-10 read safely, downloaded and checked; the synthetic task; the train/validation split."""
+
+import functools
+import hashlib
+import os
+import pickle
+import tarfile
+import tempfile
+import urllib.request
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from .files import UserError, new_folders_removed_on_failure
+
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
+CIFAR_ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR_FOLDER = "cifar-10-batches-py"
+CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR_CASES_PER_BATCH = 10000
+SPLIT_SEED = 0  # the one permutation behind --subset and --val-size, the same for every --seed
+
+
+class Dataset(NamedTuple):
+    train_x: np.ndarray  # (N, 3, 32, 32) uint8
+    train_y: np.ndarray  # (N,) int64
+    test_x: np.ndarray
+    test_y: np.ndarray
+
+
+# The official batch files are Python 2 pickles of dicts holding lists, strings and one numpy
+# array. An ordinary unpickler would run whatever a tampered file names, so this one resolves
+# only what those files need: numpy's array reconstruction (under its numpy 1 and numpy 2
+# module names) and dtypes. Everything else in them is plain pickle opcodes.
+_RECONSTRUCT = np.zeros(0).__reduce__()[0]
+_SAFE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
+
+
+class SafeCifarUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in _SAFE_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return _SAFE_GLOBALS[(module, name)]
+
+
+def read_cifar_pickle(path):
+    """One batch or meta file as a dict with str keys (files written with bytes keys too)."""
+    try:
+        with open(path, "rb") as f:
+            obj = SafeCifarUnpickler(f, encoding="latin1").load()
+    except FileNotFoundError:
+        raise UserError(f"{path}: file missing") from None
+    except Exception as e:
+        raise UserError(f"{path}: not a readable CIFAR-10 pickle ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a dict, found {type(obj).__name__}")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def read_cifar_batch(path, count):
+    """Images (count, 3, 32, 32) uint8 and labels (count,) int64 of one batch file, checked."""
+    batch = read_cifar_pickle(path)
+    data, labels = batch.get("data"), batch.get("labels")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.shape != (count, 3072):
+        found = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise UserError(f"{path}: 'data' should be uint8 of shape ({count}, 3072), found {found}")
+    labels = np.asarray(labels)
+    if labels.shape != (count,) or not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{path}: 'labels' should be {count} integers, found {labels.dtype} {labels.shape}")
+    if labels.min() < 0 or labels.max() > 9:
+        raise UserError(f"{path}: labels must lie in 0-9, found {labels.min()}..{labels.max()}")
+    # Each row holds the red plane, then green, then blue, each 32x32 row-major.
+    return data.reshape(count, 3, 32, 32), labels.astype(np.int64)
+
+
+def read_cifar10(folder):
+    """(train_x, train_y, test_x, test_y) from a cifar-10-batches-py folder, every file checked.
+
+    Batch sizes are checked against the folder's own batches.meta, so a smaller folder in the
+    same format (as the tests write) reads too; the full dataset has 10,000 per batch.
+    """
+    folder = Path(folder)
+    meta = read_cifar_pickle(folder / "batches.meta")
+    count, names = meta.get("num_cases_per_batch"), meta.get("label_names")
+    if not isinstance(count, int) or count < 1:
+        raise UserError(f"{folder / 'batches.meta'}: 'num_cases_per_batch' is {count!r}")
+    if not isinstance(names, list) or len(names) != 10:
+        raise UserError(f"{folder / 'batches.meta'}: 'label_names' should list 10 classes")
+    train = [read_cifar_batch(folder / name, count) for name in CIFAR_TRAIN_FILES]
+    test_x, test_y = read_cifar_batch(folder / "test_batch", count)
+    train_x = np.concatenate([x for x, _ in train])
+    train_y = np.concatenate([y for _, y in train])
+    return train_x, train_y, test_x, test_y
+
+
+def file_md5(path):
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download_cifar10_archive(dest_dir):
+    """The official archive into dest_dir, its MD5 checked; raises OSError when it differs."""
+    target = Path(dest_dir) / CIFAR_ARCHIVE
+    with urllib.request.urlopen(CIFAR_URL, timeout=60) as response, open(target, "wb") as f:
+        for chunk in iter(lambda: response.read(1 << 20), b""):
+            f.write(chunk)
+    if file_md5(target) != CIFAR_ARCHIVE_MD5:
+        raise OSError(f"the download's MD5 is not the official archive's {CIFAR_ARCHIVE_MD5}")
+    return target
+
+
+def extract_cifar_archive(archive, dest_dir):
+    # Only the dataset's own folder, and only plain files and folders inside it: an archive
+    # from elsewhere cannot write outside dest_dir or plant links.
+    with tarfile.open(archive, "r:gz") as tar:
+        members = [
+            m for m in tar.getmembers()
+            if (m.isfile() or m.isdir()) and Path(m.name).parts[:1] == (CIFAR_FOLDER,)
+            and ".." not in Path(m.name).parts
+        ]  # fmt: skip
+        extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(dest_dir, members=members, **extra)
+
+
+def prepare_cifar10(data_dir):
+    """The path of a valid cifar-10-batches-py folder in data_dir, unpacked or downloaded if needed.
+
+    Unpacking and downloading happen in a hidden temporary folder that is renamed into place
+    only after every file has been read and checked, so an interrupted download, a failed
+    checksum or a broken archive leaves no half-written dataset behind.
+    """
+    data_dir = Path(data_dir)
+    folder = data_dir / CIFAR_FOLDER
+    if folder.is_dir():
+        return folder
+    how_to_fix = (
+        f"put the official {CIFAR_ARCHIVE} into {data_dir}/ (or unpack it there as "
+        f"{folder}/), or point --data-dir at the folder that holds {CIFAR_FOLDER}/"
+    )
+    with new_folders_removed_on_failure(data_dir, "--data-dir"):
+        return unpack_or_download_cifar10(data_dir, folder, how_to_fix)
+
+
+def unpack_or_download_cifar10(data_dir, folder, how_to_fix):
+    archive = data_dir / CIFAR_ARCHIVE
+    with tempfile.TemporaryDirectory(dir=data_dir, prefix=".cifar10-unpacking-") as tmp:
+        if archive.exists():
+            if file_md5(archive) != CIFAR_ARCHIVE_MD5:
+                raise UserError(
+                    f"{archive}: MD5 differs from the official archive's; unpack it yourself "
+                    f"as {folder}/ to use it anyway (its files are then read and checked)"
+                )
+            print(f"unpacking {archive}")
+        else:
+            print(f"CIFAR-10 not found in {data_dir}; downloading {CIFAR_URL}")
+            try:
+                archive = download_cifar10_archive(tmp)
+            except Exception as e:
+                raise UserError(f"CIFAR-10 could not be downloaded ({e}); {how_to_fix}") from None
+        try:
+            extract_cifar_archive(archive, tmp)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise UserError(f"{archive}: cannot unpack ({e}); {how_to_fix}") from None
+        read_cifar10(Path(tmp) / CIFAR_FOLDER)
+        try:
+            os.replace(Path(tmp) / CIFAR_FOLDER, folder)
+        except OSError:
+            if not folder.is_dir():
+                raise
+            # Another process (a Slurm task, say) put its folder in place first; it is read and
+            # checked like any existing folder, and ours goes away with the temporary folder.
+    return folder
+
+
+@functools.cache  # read once per process, whatever the number of seeds
+def cifar10_dataset(data_dir):
+    folder = prepare_cifar10(data_dir)
+    train_x, train_y, test_x, test_y = read_cifar10(folder)
+    if len(train_y) != 5 * CIFAR_CASES_PER_BATCH:
+        print(f"note: {folder} holds {len(train_y)} training images, not the 50,000 of CIFAR-10")
+    return Dataset(train_x, train_y, test_x, test_y)
+
+
+def synthetic_dataset(seed, n_train=2048, n_test=256):
+    """A small learnable 10-class task of 32x32 images, made from the seed alone.
+
+    Each class is a coarse random colour pattern; an image is its class pattern under heavy
+    pixel noise, so a small network learns it gradually rather than in one step. For smoke
+    runs and tests only: never reported as CIFAR-10.
+    """
+    rng = np.random.default_rng(seed)
+    patterns = np.kron(rng.normal(size=(10, 3, 4, 4)), np.ones((8, 8)))  # (10, 3, 32, 32)
+
+    def draw(n):
+        labels = rng.integers(0, 10, size=n)
+        pixels = 128 + 60 * patterns[labels] + rng.normal(0, 60, size=(n, 3, 32, 32))
+        return np.clip(pixels, 0, 255).astype(np.uint8), labels.astype(np.int64)
+
+    train_x, train_y = draw(n_train)
+    test_x, test_y = draw(n_test)
+    return Dataset(train_x, train_y, test_x, test_y)
+
+
+def split_indices(n_train, subset, val_size):
+    """(train, val) indices into the training split: val is the first val_size images of one
+    fixed permutation, train the next `subset` (all the rest when subset is 0). Disjoint."""
+    if val_size + max(subset, 1) > n_train:
+        raise UserError(
+            f"--val-size {val_size} and --subset {subset} need more than the {n_train} training images available"
+        )
+    order = np.random.default_rng(SPLIT_SEED).permutation(n_train)
+    val, rest = order[:val_size], order[val_size:]
+    return (rest[:subset] if subset else rest), val
+
+
+def data_label(cfg):
+    name = "CIFAR-10" if cfg["dataset"] == "cifar10" else "synthetic task (not CIFAR-10)"
+    return name + (f", {cfg['subset']}-image subset" if cfg["subset"] else "")

@@ -1,0 +1,169 @@
+"""Replay: the controller over a logged loss curve (a results file, a JSON list or a CSV), before training."""
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+from phase_controller import PhaseController
+
+from .figures import plot_replay
+from .files import PHASE_AWARE, RUN_KEY_DEFAULTS, UserError, check_output_dir, make_folder, write_json
+from .training import controller_from_config
+
+
+class LossLog(NamedTuple):
+    train: list  # training loss per epoch
+    eval: list | None  # eval loss per epoch (None where missing), or None
+    phases: list | None  # phases a results file recorded, to compare with
+    config: dict | None  # the settings a results file recorded
+
+
+# Why a --replay file was read the way it was: its suffix decides.
+READ_AS_CSV = "read as CSV because of its .csv suffix"
+READ_AS_JSON = "read as JSON because its suffix is not .csv"
+
+
+def read_loss_log(path):
+    """A LossLog from a results_seed_N.json, a JSON list of training losses, or a CSV with a
+    train_loss column and an optional eval_loss column (as spreadsheets export them too). The
+    suffix decides: .csv is read as CSV, anything else as JSON."""
+    path = Path(path)
+    as_csv = path.suffix.lower() == ".csv"
+    how = READ_AS_CSV if as_csv else READ_AS_JSON
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # -sig: drops a spreadsheet's byte-order mark
+    except OSError as e:
+        raise UserError(f"--replay {path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"--replay {path}: not UTF-8 text (a binary file, or UTF-16: save it as UTF-8)") from None
+    try:
+        if not text.strip():
+            raise ValueError("the file is empty")
+        if as_csv:
+            log = read_csv_losses(text)
+        else:
+            try:
+                data = json.loads(text)
+            except ValueError as e:
+                raise ValueError(f"{how}, but it is not JSON ({e}); for a CSV, name it .csv") from None
+            log = read_json_losses(data)
+        values = log.train + [e for e in log.eval or [] if e is not None]
+        if not all(is_number(v) and math.isfinite(v) for v in values):
+            raise ValueError(f"{how}: losses must be finite numbers")
+    except ValueError as e:
+        raise UserError(f"--replay {path}: {e}") from None
+    return log
+
+
+def is_number(value):
+    """An int or float; JSON's true and false are not losses."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def read_csv_losses(text):
+    """Names and values may carry spaces and quotes; an empty eval_loss cell means no evaluation."""
+    rows = [[cell.strip() for cell in row] for row in csv.reader(text.splitlines()) if any(c.strip() for c in row)]
+    if not rows or "train_loss" not in rows[0]:
+        found = ", ".join(rows[0]) if rows else "only separators"
+        raise ValueError(f"{READ_AS_CSV}: needs a train_loss column in its header, found {found}")
+    header, rows = rows[0], rows[1:]
+    if not rows:
+        raise ValueError("no rows under the header")
+
+    def column(name, required):
+        at, values = header.index(name), []
+        for number, row in enumerate(rows, 1):
+            cell = row[at] if at < len(row) else ""
+            if not cell and required:
+                raise ValueError(f"row {number} has no {name}")
+            try:
+                values.append(float(cell) if cell else None)
+            except ValueError:
+                raise ValueError(f"row {number}: {name} {cell!r} is not a number") from None
+        return values
+
+    eval_losses = column("eval_loss", required=False) if "eval_loss" in header else None
+    return LossLog(column("train_loss", required=True), eval_losses, None, None)
+
+
+def read_json_losses(data):
+    if isinstance(data, list):
+        if not data:
+            raise ValueError("no losses in it")
+        wrong = next((i for i, v in enumerate(data) if not is_number(v)), None)
+        if wrong is not None:
+            raise ValueError(f"item {wrong} of the list is {json.dumps(data[wrong])}, not a number")
+        return LossLog([float(v) for v in data], None, None, None)
+    if not (isinstance(data, dict) and isinstance(data.get(PHASE_AWARE), dict) and "config" in data):
+        raise ValueError("expected a results_seed_N.json file or a JSON list of numbers")
+    try:  # a results file: the phase arm's view of the run
+        log = data[PHASE_AWARE]["per_epoch"]
+        train, phases = list(log["train_loss"]), log["phase"]
+        eval_losses = log.get("val_loss", log["eval_loss"])  # what the controller saw
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"a results file without the phase arm's per-epoch {e}") from None
+    if not train:
+        raise ValueError("no losses in it")
+    if len(eval_losses) != len(train) or len(phases) != len(train):
+        raise ValueError("a results file whose per-epoch lists differ in length")
+    return LossLog(train, eval_losses, phases, data["config"])
+
+
+def replay(config):
+    """--replay: the controller over a logged loss curve, printed, compared and written out."""
+    check_output_dir(config["output_dir"])
+    source = config["replay"]
+    log, controller = read_loss_log(source), controller_from_config(config)
+    at = next((e for e, loss in enumerate(log.train) if loss <= 0), None)
+    if config["dl_mode"] == "relative" and at is not None:
+        raise UserError(f"--replay {source}: --dl-mode relative needs positive losses; epoch {at} has {log.train[at]}")
+    print(f"replaying {len(log.train)} epochs of {source}")
+    rows = replay_rows(log, controller)
+    if log.phases is not None:
+        print(compare_with_recorded(rows, log, config))
+    out, stem = Path(config["output_dir"]), Path(source).stem
+    replay_result = {
+        "source": str(source),
+        "controller": {key: config[key] for key in PhaseController.SETTINGS},
+        "per_epoch": rows,
+        "transitions": controller.transitions,
+        "transition_epochs": controller.transition_epochs,
+    }
+    make_folder(out, "--output-dir")
+    write_json(out / f"replay_{stem}.json", replay_result)
+    plot_replay(rows, controller, out / f"replay_{stem}.png", title=str(source))
+    print(f"wrote {out / f'replay_{stem}.json'} and {out / f'replay_{stem}.png'}")
+    return 0
+
+
+def replay_rows(log, controller):
+    """Observe every logged epoch, printing a table row each; the rows, then the transitions."""
+    print("epoch  train_loss  eval_loss        dL  phase          next lr_mult  next accum")
+    rows = []
+    for epoch, loss in enumerate(log.train):
+        eval_loss = log.eval[epoch] if log.eval else None
+        lr_mult, accumulation = controller.observe(loss, eval_loss)
+        row = {"epoch": epoch, "train_loss": loss, "eval_loss": eval_loss, "dL": controller.dL,
+               "phase": controller.phase, "lr_mult": lr_mult, "accumulation": accumulation}  # fmt: skip
+        rows.append(row)
+        shown = "" if eval_loss is None else f"{eval_loss:.4f}"
+        print(
+            f"{epoch:>5}  {loss:10.4f}  {shown:>9}  {controller.dL:+.5f}  {controller.phase:<13}"
+            f"  {lr_mult:12.2f}  {accumulation:10d}"
+        )
+    for line in controller.transitions:
+        print(f"transition {line}")
+    return rows
+
+
+def compare_with_recorded(rows, log, config):
+    """Whether the replayed phases are the ones a results file recorded; if not, where and which flags differ."""
+    mismatched = [e for e, (row, phase) in enumerate(zip(rows, log.phases, strict=True)) if row["phase"] != phase]
+    if not mismatched:
+        return "matches the phases recorded in the file"
+    recorded = {k: log.config.get(k, RUN_KEY_DEFAULTS.get(k)) for k in PhaseController.SETTINGS}
+    used = [f"--{k.replace('_', '-')} {v}" for k, v in recorded.items() if v != config[k]]
+    hint = f"; the run used {' '.join(used)}" if used else ""
+    return f"differs from the recorded phases at epochs {mismatched}{hint}"
