@@ -15,20 +15,18 @@ The mechanism itself is phase_controller.py, which needs torch only; this packag
 matplotlib (`pip install ".[demo]"`).
 """
 
-import importlib.util
 import sys
-
-# What the experiment needs beyond the library, as `pip install` names them.
-DEMO_REQUIREMENTS = {"numpy": "numpy", "matplotlib": "matplotlib"}
 
 
 def main(argv=None):
     """The `phase-controller` command and `python phase_controller.py`; returns the exit code."""
-    missing = [name for module, name in DEMO_REQUIREMENTS.items() if importlib.util.find_spec(module) is None]
-    if missing:
+    try:
+        import matplotlib  # noqa: F401
+        import numpy  # noqa: F401
+    except ImportError as e:
         print(
-            f"phase_controller.py: error: the experiment needs {' and '.join(missing)}, which are not installed: "
-            f"pip install {' '.join(missing)} (or install this package with its demo extra, pip install '.[demo]')",
+            f"phase_controller.py: error: the experiment needs numpy and matplotlib ({e}): "
+            "pip install numpy matplotlib (or install this package with its demo extra: pip install '.[demo]')",
             file=sys.stderr,
         )
         return 2

@@ -213,8 +213,8 @@ def test_subset_larger_than_the_data_creates_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []  # a start that fails its checks leaves nothing on disk
 
 
-def test_readme_documents_every_flag():
-    readme = (ROOT / "README.md").read_text()
+def test_the_command_line_docs_document_every_flag():
+    readme = (ROOT / "docs" / "command-line.md").read_text()
     flags = {
         opt for action in command_line.build_parser()._actions for opt in action.option_strings if opt.startswith("--")
     }

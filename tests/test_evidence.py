@@ -18,6 +18,7 @@ from phase_cifar10 import evidence, files, training
 # ----- statistics, against hand-computed cases -----
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "deltas, p_value",
     [
@@ -32,6 +33,7 @@ def test_sign_flip_p_value_is_exact(deltas, p_value):
     assert evidence.sign_flip_p_value(deltas) == pytest.approx(p_value)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "deltas, low, high",
     [
@@ -43,6 +45,7 @@ def test_sign_flip_beyond_sixteen_seeds_samples_patterns(deltas, low, high):
     assert low <= evidence.sign_flip_p_value(deltas) <= high
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "values, interval",
     [
@@ -55,12 +58,14 @@ def test_bootstrap_interval_in_hand_computable_cases(values, interval):
     assert evidence.bootstrap_ci(values) == pytest.approx(interval)
 
 
+@pytest.mark.fast
 def test_bootstrap_interval_of_a_skewed_sample():
     # A resample mean of [0, 0, 0, 1] is k/4 with k ~ Binomial(4, 1/4): P(0) = 0.32, so the 2.5th
     # percentile is 0; P(k <= 2) = 0.949 and P(k <= 3) = 0.996, so the 97.5th is 3/4.
     assert evidence.bootstrap_ci([0.0, 0.0, 0.0, 1.0]) == pytest.approx([0.0, 0.75])
 
 
+@pytest.mark.fast
 def test_paired_stats_fields():
     s = evidence.paired_stats({42: 1.0, 7: 2.0, 137: 3.0})
     assert s["per_seed"] == {"42": 1.0, "7": 2.0, "137": 3.0} and s["mean"] == 2.0 and s["median"] == 2.0
@@ -101,6 +106,7 @@ def phase_log(multipliers, accumulations, batches, base_lr=0.01, warmup=2):
     return {"status": "ok", "per_epoch": log}, {**config, "train_size": 128 * batches}
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "multipliers, accumulations, matched, mean",
     [
@@ -116,6 +122,7 @@ def test_control_constant_matches_the_total_update(multipliers, accumulations, m
     assert np.mean(multipliers) == pytest.approx(mean)  # what the old control used, for contrast
 
 
+@pytest.mark.fast
 def test_control_constant_by_hand_on_three_epochs():
     # Warmup 1 of 3 epochs: base LRs 1, 1, 0.5 (x base_lr). Four batches: 4, 4, 2 steps, so the
     # update is 1*1*4/4 + 2*1*4/4 + 0.5*0.5*2/4 = 3.125 against a sum of base LRs of 2.5.
@@ -123,6 +130,7 @@ def test_control_constant_by_hand_on_three_epochs():
     assert training.matched_lr_mult(arm, cfg) == pytest.approx(1.25)
 
 
+@pytest.mark.fast
 def test_control_constant_counts_the_short_last_window():
     # The same epochs with three batches: accumulation 2 takes 2 steps of 3 (a short last window
     # still steps), not 1.5. Update 1 + 2 + 0.5*0.5*2/3 = 3 + 1/6; divided by 2.5: 19/15.
@@ -130,6 +138,7 @@ def test_control_constant_counts_the_short_last_window():
     assert training.matched_lr_mult(arm, cfg) == pytest.approx(19 / 15)
 
 
+@pytest.mark.fast
 def test_control_constant_of_the_synthetic_example():
     # --subset 384 --epochs 7 (warmup 2): three batches of 128; the phase arm ran at 1, 1, 1, 1.1,
     # 0.5, 0.5, 0.5 with 3, 3, 3, 3, 2, 2, 2 steps. Base LRs /0.01: 0.5, 1, 1, then

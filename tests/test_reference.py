@@ -6,7 +6,7 @@ import re
 import pytest
 from helpers import ROOT, read_json
 
-from phase_cifar10 import evidence, files
+from phase_cifar10 import evidence
 
 REFERENCE = ROOT / "results" / "reference-cpu"
 SEEDS = sorted(int(p.stem.removeprefix("results_seed_")) for p in REFERENCE.glob("results_seed_*.json"))
@@ -33,25 +33,30 @@ def test_committed_summary_is_what_summarize_builds_from_the_committed_seeds(fol
 
 
 def readme_rows():
-    """{seed: cells} of the main README's CPU reference table."""
-    text = (ROOT / "README.md").read_text().split("### CPU reference", 1)[1].split("\n### ", 1)[0]
-    rows = [line.strip("|").split("|") for line in text.splitlines() if re.match(r"\| \d+ \|", line)]
-    return {int(cells[0]): [c.strip() for c in cells[1:]] for cells in rows}
+    """{seed or "mean": cells} of the main README's CPU reference table."""
+    text = (ROOT / "README.md").read_text().split("## Result: the CPU reference", 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip("|").split("|") for line in text.splitlines() if re.match(r"\| (\d+|\*\*mean\*\*) \|", line)]
+    return {cells[0].strip().strip("*"): [c.strip() for c in cells[1:]] for cells in rows}
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_readme_table_matches_the_seed_file(seed):
     results = read_json(REFERENCE / f"results_seed_{seed}.json")
-    arms = [results[arm][metric] for arm in ("baseline", "phase_aware", "control") for metric in files.METRICS]
-    deltas = [results[f"delta_{m}{s}"] for s in ("", "_vs_control") for m in files.METRICS]
-    cells = readme_rows()[seed]
-    assert cells[:6] == [number(v) for v in arms]
-    assert cells[6:10] == [number(v, "+") for v in deltas]
+    cells = readme_rows()[str(seed)]
+    assert cells[:3] == [f"{results[arm]['final_acc']:.2f}" for arm in ("baseline", "phase_aware", "control")]
+    assert cells[3:5] == [f"{results[f'delta_final_acc{s}']:+.2f}" for s in ("", "_vs_control")]
     transitions = results["phase_aware"]["transition_epochs"]
-    assert cells[10] == (", ".join(f"{k} {v}" for k, v in transitions.items()) or "none")
-    control, mean = results["control"]["fixed_lr_mult"], results["phase_aware"]["mean_lr_mult"]
-    assert cells[11] == ("n/a" if control is None else f"{control:.4f}") + f" ({mean:.4f})"
+    assert cells[5] == f"epoch {transitions['S1']}" and "S2" not in transitions
 
 
-def number(value, sign=""):
-    return "n/a" if value is None else f"{value:{sign}.2f}"
+def test_readme_mean_row_matches_the_summary():
+    summary = read_json(REFERENCE / "multi_seed_summary.json")
+    cells = readme_rows()["mean"]
+    assert cells[:3] == [
+        f"{summary['arms'][arm]['final_acc']['mean']:.2f}" for arm in ("baseline", "phase_aware", "control")
+    ]
+    for cell, other in zip(cells[3:5], ("baseline", "control"), strict=True):
+        stats = summary["comparisons"][f"phase_aware_vs_{other}"]["final_acc"]
+        low, high = stats["ci95"]
+        assert cell.startswith(f"**{stats['mean']:+.2f}** (95% CI {low:+.2f}..{high:+.2f}")
+        assert cell.endswith(f"{stats['positive']}/{stats['total']})")

@@ -1,8 +1,11 @@
 """PhaseScheduler on top of torch's schedulers, the relative slope, the README's own-loop example,
 the package and the live progress line."""
 
+import doctest
 import io
 import re
+import subprocess
+import sys
 import tomllib
 
 import numpy as np
@@ -12,6 +15,8 @@ from helpers import ROOT, run_main
 
 import phase_controller as pc
 from phase_cifar10 import training
+
+pytestmark = pytest.mark.fast
 
 # ----- a scripted loss curve that walks the controller through every phase -----
 
@@ -347,3 +352,43 @@ def test_progress_line_waits_for_the_accelerator_before_reading_the_clock(monkey
     assert len(list(training.show_batches(iter(batches), 3, "x", terminal))) == 3
     drawn = terminal.getvalue().count("batch ")
     assert drawn >= 1 and waits == [torch.device("cuda:0")] * drawn  # once per line drawn, never per batch
+
+
+# Run before anything else in a child process: numpy, matplotlib and torchvision cannot be imported.
+WITHOUT_DEMO_PACKAGES = """
+import sys
+sys.modules.update(numpy=None, matplotlib=None, torchvision=None)  # importing them raises ImportError
+"""
+
+
+def test_the_library_works_without_the_experiments_packages():
+    code = WITHOUT_DEMO_PACKAGES + (
+        "import torch, phase_controller as pc\n"
+        "opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)\n"
+        "s = pc.PhaseScheduler(opt, pc.PhaseController(s1_threshold=-0.05))\n"
+        "print([s.observe(loss).lr_mult for loss in (2.0, 1.9, 1.7)])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "[1.0, 1.0, 1.1]\n"
+
+
+def test_the_command_without_the_experiments_packages_says_what_to_install():
+    code = WITHOUT_DEMO_PACKAGES + "sys.argv = ['phase_controller.py', '--help']\nimport runpy\n"
+    code += "runpy.run_path('phase_controller.py', run_name='__main__')\n"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    # torch itself may warn that it found no numpy; the command adds one line and no traceback.
+    assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
+    assert "error: the experiment needs numpy and matplotlib" in result.stderr.splitlines()[-1]
+    assert "pip install numpy matplotlib" in result.stderr.splitlines()[-1]
+
+
+def test_the_library_file_is_small_and_imports_only_torch():
+    source = (ROOT / "phase_controller.py").read_text()
+    imports = {line.split()[1].split(".")[0] for line in source.splitlines() if line.startswith(("import ", "from "))}
+    assert imports == {"copy", "math", "typing", "torch"} and source.count("\n") <= 400
+
+
+def test_the_docstring_examples_run():
+    failed, attempted = doctest.testmod(pc)
+    assert failed == 0 and attempted >= 9  # every example of the Args docstrings
