@@ -1,5 +1,7 @@
 """The controller where users train: ranks kept in step under torch.distributed."""
 
+import os
+import re
 import subprocess
 import sys
 
@@ -17,9 +19,9 @@ def two_ranks(tmp_path_factory):
     """What each of two real processes (torchrun, gloo, CPU) decided: [rank 0, rank 1]."""
     out = tmp_path_factory.mktemp("ranks")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = subprocess.run(
-        [*command, str(ROOT / "tests" / "ranks_in_step.py"), str(out)], capture_output=True, text=True, timeout=300
-    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # the ranks import phase_controller from the checkout
+    script = str(ROOT / "tests" / "ranks_in_step.py")
+    result = subprocess.run([*command, script, str(out)], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     return [read_json(out / f"rank_{rank}.json") for rank in (0, 1)]
 
@@ -50,3 +52,93 @@ def test_synced_ranks_decide_alike_and_as_one_controller_on_the_mean_curve(two_r
 def test_one_process_is_unaffected_by_syncing():
     # Without an initialised process group both ways decide on the losses given.
     assert decisions(True, 0) == decisions(False, 0)
+
+
+# ----- Lightning, with the docs' PhaseCallback -----
+
+
+def lightning_run(tmp_path, devices):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, str(ROOT / "tests" / "lightning_run.py"), str(tmp_path), str(devices)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [read_json(tmp_path / f"rank_{rank}.json") for rank in range(devices)]
+
+
+def expected_rows():
+    """Per epoch, worked from the formulas: 5 micro-batches; S1 after epoch 2, S2 (accumulation 2)
+    after epoch 3, so epochs 4 and 5 take ceil(5 / 2) = 3 optimizer steps. The base LambdaLR is
+    stepped per micro-batch, 5 per epoch whatever the accumulation: after epoch e its LR is
+    0.1 / (1 + 0.1 * 5 * (e + 1)), times the multiplier observed after epoch e."""
+    multipliers = [1.0, 1.0, 1.1, 0.5, 0.5, 0.5]
+    steps = [5, 5, 5, 5, 3, 3]
+    accumulation = [1, 1, 1, 1, 2, 2]
+    return [
+        [s, k, 0.1 / (1 + 0.5 * (e + 1)) * m]
+        for e, (s, k, m) in enumerate(zip(steps, accumulation, multipliers, strict=True))
+    ]
+
+
+def test_lightning_follows_the_lr_and_the_accumulation(tmp_path):
+    pytest.importorskip("lightning")
+    (rank0,) = lightning_run(tmp_path, 1)
+    assert rank0["phases"] == {"S1": 2, "S2": 3}
+    for row, expected in zip(rank0["rows"], expected_rows(), strict=True):
+        assert row[:2] == expected[:2] and row[2] == pytest.approx(expected[2], rel=1e-12)
+
+
+def test_lightning_ddp_ranks_agree(tmp_path):
+    pytest.importorskip("lightning")
+    rank0, rank1 = lightning_run(tmp_path, 2)
+    assert rank0 == rank1  # the same phases, LRs, steps and accumulation, and the same averaged losses
+    assert rank0["phases"] == {"S1": 2, "S2": 3}
+
+
+# ----- the Hugging Face Trainer, with the docs' PhaseTrainerCallback -----
+
+
+def test_hf_trainer_follows_the_lr(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    text = (ROOT / "docs" / "library.md").read_text().split("**The Hugging Face Trainer.**", 1)[1]
+    namespace = {}
+    exec(compile(re.search(r"```python\n(.*?)```", text, re.S).group(1), "docs/library.md", "exec"), namespace)
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = torch.nn.Linear(4, 2)
+
+        def forward(self, x, labels=None):
+            logits = self.net(x)
+            return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+    generator = torch.Generator().manual_seed(1)
+    xs, ys = torch.randn(40, 4, generator=generator), torch.randint(0, 2, (40,), generator=generator)
+    model = Tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    base = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (1 + 0.1 * step))
+    controller = pc.PhaseController(s1_threshold=1.0, s2_threshold=10.0, s3_patience=100)
+    scheduler = pc.PhaseScheduler(optimizer, controller, base=base)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), num_train_epochs=6, per_device_train_batch_size=8, logging_steps=1,
+        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = Trainer(
+        model=model, args=args, train_dataset=[{"x": x, "labels": y} for x, y in zip(xs, ys, strict=True)],
+        optimizers=(optimizer, scheduler), callbacks=[namespace["PhaseTrainerCallback"](scheduler)],
+    )  # fmt: skip
+    trainer.train()
+    assert controller.transition_epochs == {"S1": 2, "S2": 3} and trainer.state.global_step == 30
+    # The Trainer keeps accumulation 1: 5 steps every epoch, so the LR after epoch e is the base
+    # 0.1 / (1 + 0.1 * 5 * (e + 1)) times the multiplier observed after epoch e.
+    logged = [row for row in trainer.state.log_history if "phase" in row]
+    multipliers = [1.0, 1.0, 1.1, 0.5, 0.5, 0.5]
+    assert [row["lr_mult"] for row in logged] == multipliers
+    for e, (row, m) in enumerate(zip(logged, multipliers, strict=True)):
+        assert row["lr_group_0"] == pytest.approx(0.1 / (1 + 0.5 * (e + 1)) * m, rel=1e-12)
