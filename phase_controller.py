@@ -341,7 +341,7 @@ class PhaseScheduler(torch.optim.lr_scheduler.LRScheduler):
             _positive("lr_mult", state_dict["lr_mult"]),
             _count("accumulation", state_dict["accumulation"]),
         )
-        last_epoch = _count("last_epoch + 1", state_dict["last_epoch"] + 1) - 1
+        last_epoch = _count("last_epoch", state_dict["last_epoch"], minimum=0)
         # Base and controller load last, restored to their own state if either refuses.
         saved = [(part, part.state_dict()) for part in (self.base, self.controller) if part is not None]
         try:
@@ -381,11 +381,11 @@ def _positive(name, value):
     return value
 
 
-def _count(name, value):
-    """A whole number >= 1 (an int, or a float or numpy number that equals one)."""
+def _count(name, value, minimum=1):
+    """A whole number >= minimum (an int, or a float or numpy number that equals one)."""
     number = _number(name, value)
-    if not (math.isfinite(number) and number == int(number) and number >= 1):
-        raise ValueError(f"{name} must be an integer >= 1, got {value}")
+    if not (math.isfinite(number) and number == int(number) and number >= minimum):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
     return int(number)
 
 

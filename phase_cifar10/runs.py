@@ -15,7 +15,6 @@ import torch.distributed as dist
 
 from .data import Dataset, cifar10_dataset, data_label, prepare_cifar10, split_indices, synthetic_dataset
 from .evidence import (
-    METRICS,
     arm_problem,
     build_summary,
     fmt_acc,
@@ -30,6 +29,7 @@ from .files import (
     ARMS,
     BASELINE,
     CONTROL,
+    METRICS,
     PHASE_AWARE,
     RUN_KEY_DEFAULTS,
     RUN_KEYS,

@@ -187,16 +187,17 @@ def run_arm(run, name, controller=None, fixed_lr_mult=1.0):
         batches = run.train.train_batches(cfg["batch_size"], run.seed, epoch)
         batches = show_batches(batches, math.ceil(len(run.train) / cfg["batch_size"]), label)
         t0 = time.perf_counter()
-        row = dict(zip(("train_loss", "train_acc", "steps"), train_epoch(model, optimizer, batches, accumulation,
-                                                                        run.autocast), strict=True))  # fmt: skip
+        train_loss, train_acc, steps = train_epoch(model, optimizer, batches, accumulation, run.autocast)
         t1 = time.perf_counter()
+        row = {"train_loss": train_loss, "train_acc": train_acc, "steps": steps}
         # 2. Evaluate on the test split (and the validation split), unless training diverged.
         if math.isfinite(row["train_loss"]):
             row["eval_loss"], row["eval_acc"] = evaluate(model, run.test, run.autocast)
             if run.val is not None:
                 row["val_loss"], row["val_acc"] = evaluate(model, run.val, run.autocast)
         row.update(train_seconds=t1 - t0, eval_seconds=time.perf_counter() - t1)
-        arm["time_seconds"] += row["train_seconds"] + row["eval_seconds"]
+        seconds = row["train_seconds"] + row["eval_seconds"]
+        arm["time_seconds"] += seconds
         diverged = [
             f"{k} {row[k]}" for k in ("train_loss", "eval_loss", "val_loss") if not math.isfinite(row.get(k, 0))
         ]
@@ -211,7 +212,7 @@ def run_arm(run, name, controller=None, fixed_lr_mult=1.0):
                 row.update(lr_mult=lr_mult, accumulation=accumulation, phase=controller.phase, dL=controller.dL)
             for key, value in row.items():
                 arm["per_epoch"].setdefault(key, []).append(value)
-            run.progress.epoch_done(row["train_seconds"] + row["eval_seconds"])
+            run.progress.epoch_done(seconds)
             log_epoch(run, name, epoch, row)
         # 4. Step the base schedule to the next epoch's LR, then 5. checkpoint the whole state.
         scheduler.step()

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -100,6 +101,19 @@ def cli(*args, env=None, timeout=300):
         [sys.executable, str(ROOT / "phase_controller.py"), *map(str, args)],
         capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT,
     )  # fmt: skip
+
+
+def documented_code(path, after):
+    """The first ```python block after the text `after` in a document of the repository."""
+    text = (ROOT / path).read_text().split(after, 1)[1]
+    return re.search(r"```python\n(.*?)```", text, re.S).group(1)
+
+
+def run_documented_code(path, after):
+    """That block executed as written: the names it defines."""
+    namespace = {}
+    exec(compile(documented_code(path, after), path, "exec"), namespace)
+    return namespace
 
 
 def read_json(path):

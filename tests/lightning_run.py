@@ -2,26 +2,20 @@
 writes OUT/rank_R.json: per epoch the optimizer steps, the accumulation and the LR after it."""
 
 import json
-import re
 import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from helpers import run_documented_code  # the script's own folder, tests/, is on sys.path
 
 from phase_controller import PhaseController, PhaseScheduler
 
-ROOT = Path(__file__).resolve().parents[1]
+# The docs' PhaseCallback, executed as written.
+PhaseCallback = run_documented_code("docs/library.md", "**PyTorch Lightning")["PhaseCallback"]
+
 BATCHES = 5  # per epoch and process: 40 samples in batches of 8 (per rank under DDP: 80 / 2 ranks)
 EPOCHS = 6
-
-
-def recipe():
-    """The docs' PhaseCallback, executed as written."""
-    text = (ROOT / "docs" / "library.md").read_text().split("**PyTorch Lightning", 1)[1]
-    namespace = {}
-    exec(compile(re.search(r"```python\n(.*?)```", text, re.S).group(1), "docs/library.md", "exec"), namespace)
-    return namespace["PhaseCallback"]
 
 
 class Module(pl.LightningModule):
@@ -61,7 +55,7 @@ def main(out, devices):
                                           torch.randint(0, 2, (40 * devices,), generator=generator))  # fmt: skip
     trainer = pl.Trainer(
         max_epochs=EPOCHS, accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
-        callbacks=[recipe()(scheduler), record], logger=False, enable_checkpointing=False,
+        callbacks=[PhaseCallback(scheduler), record], logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))

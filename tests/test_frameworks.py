@@ -1,12 +1,11 @@
 """The controller where users train: ranks kept in step under torch.distributed."""
 
 import os
-import re
 import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, read_json
+from helpers import ROOT, read_json, run_documented_code
 
 import phase_controller as pc
 
@@ -65,18 +64,23 @@ def lightning_run(tmp_path, devices):
     return [read_json(tmp_path / f"rank_{rank}.json") for rank in range(devices)]
 
 
+# Both framework runs: 6 epochs of 5 micro-batches, thresholds that force S1 after epoch 2 and S2
+# after epoch 3, so these multipliers are observed after each epoch.
+MULTIPLIERS = [1.0, 1.0, 1.1, 0.5, 0.5, 0.5]
+
+
+def lr_after(epoch):
+    """The base LambdaLR 1 / (1 + 0.1 * step) on LR 0.1 is stepped per micro-batch, 5 per epoch
+    whatever the accumulation: after epoch e, 0.1 / (1 + 0.1 * 5 * (e + 1)), times the multiplier."""
+    return 0.1 / (1 + 0.5 * (epoch + 1)) * MULTIPLIERS[epoch]
+
+
 def expected_rows():
-    """Per epoch, worked from the formulas: 5 micro-batches; S1 after epoch 2, S2 (accumulation 2)
-    after epoch 3, so epochs 4 and 5 take ceil(5 / 2) = 3 optimizer steps. The base LambdaLR is
-    stepped per micro-batch, 5 per epoch whatever the accumulation: after epoch e its LR is
-    0.1 / (1 + 0.1 * 5 * (e + 1)), times the multiplier observed after epoch e."""
-    multipliers = [1.0, 1.0, 1.1, 0.5, 0.5, 0.5]
+    """Per epoch, worked from the formulas: S2's accumulation 2 from epoch 4 on takes ceil(5 / 2) = 3
+    optimizer steps; the LR after each epoch is lr_after."""
     steps = [5, 5, 5, 5, 3, 3]
     accumulation = [1, 1, 1, 1, 2, 2]
-    return [
-        [s, k, 0.1 / (1 + 0.5 * (e + 1)) * m]
-        for e, (s, k, m) in enumerate(zip(steps, accumulation, multipliers, strict=True))
-    ]
+    return [[s, k, lr_after(e)] for e, (s, k) in enumerate(zip(steps, accumulation, strict=True))]
 
 
 def test_lightning_follows_the_lr_and_the_accumulation(tmp_path):
@@ -104,9 +108,7 @@ def test_hf_trainer_follows_the_lr(tmp_path, monkeypatch):
     import torch
     from transformers import Trainer, TrainingArguments
 
-    text = (ROOT / "docs" / "library.md").read_text().split("**The Hugging Face Trainer.**", 1)[1]
-    namespace = {}
-    exec(compile(re.search(r"```python\n(.*?)```", text, re.S).group(1), "docs/library.md", "exec"), namespace)
+    namespace = run_documented_code("docs/library.md", "**The Hugging Face Trainer.**")
 
     class Tiny(torch.nn.Module):
         def __init__(self):
@@ -135,10 +137,8 @@ def test_hf_trainer_follows_the_lr(tmp_path, monkeypatch):
     )  # fmt: skip
     trainer.train()
     assert controller.transition_epochs == {"S1": 2, "S2": 3} and trainer.state.global_step == 30
-    # The Trainer keeps accumulation 1: 5 steps every epoch, so the LR after epoch e is the base
-    # 0.1 / (1 + 0.1 * 5 * (e + 1)) times the multiplier observed after epoch e.
+    # The Trainer keeps accumulation 1, and steps the base per optimizer step: 5 per epoch, as above.
     logged = [row for row in trainer.state.log_history if "phase" in row]
-    multipliers = [1.0, 1.0, 1.1, 0.5, 0.5, 0.5]
-    assert [row["lr_mult"] for row in logged] == multipliers
-    for e, (row, m) in enumerate(zip(logged, multipliers, strict=True)):
-        assert row["lr_group_0"] == pytest.approx(0.1 / (1 + 0.5 * (e + 1)) * m, rel=1e-12)
+    assert [row["lr_mult"] for row in logged] == MULTIPLIERS
+    for epoch, row in enumerate(logged):
+        assert row["lr_group_0"] == pytest.approx(lr_after(epoch), rel=1e-12)

@@ -3,7 +3,6 @@ the package and the live progress line."""
 
 import doctest
 import io
-import re
 import subprocess
 import sys
 import tomllib
@@ -11,7 +10,7 @@ import tomllib
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, run_main
+from helpers import ROOT, run_documented_code, run_main
 
 import phase_controller as pc
 from phase_cifar10 import training
@@ -281,16 +280,9 @@ def test_replay_with_a_relative_slope(tmp_path):
 # ----- the README's own-loop example, extracted and run -----
 
 
-def readme_example():
-    text = (ROOT / "README.md").read_text()
-    section = text.split("## Using `PhaseController` in your own loop", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
-
-
 def test_readme_example_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    namespace = {}
-    exec(compile(readme_example(), "README.md", "exec"), namespace)
+    namespace = run_documented_code("README.md", "## Using `PhaseController` in your own loop")
     scheduler, base = namespace["scheduler"], namespace["base"]
     assert scheduler.get_last_lr() == pytest.approx([base.get_last_lr()[0] * scheduler.lr_mult], rel=1e-12)
     assert scheduler.controller.phase != "S0_EXPLORE"  # it learned, and the controller saw it
