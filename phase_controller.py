@@ -10,6 +10,13 @@ This file needs torch only. Run as a script it is the CIFAR-10 experiment's comm
 package phase_cifar10 beside it): `python phase_controller.py --help`.
 """
 
+if __name__ == "__main__":  # the experiment, which imports this file anew; first, so Ctrl-C while torch loads is clean
+    import sys
+
+    from phase_cifar10 import main
+
+    sys.exit(main())
+
 import copy
 import math
 from typing import NamedTuple
@@ -137,7 +144,11 @@ class PhaseController:
         if self.dl_mode == "relative" and not train_loss > 0:
             raise ValueError(f"a relative dL needs positive training losses, got {train_loss}")
         self.losses.append(train_loss)
-        self.dL = loss_slope(self.losses, self.dl_window, self.dl_mode)
+        dL = loss_slope(self.losses, self.dl_window, self.dl_mode)
+        if not math.isfinite(dL):  # finite losses near the float limit whose difference is not
+            self.losses.pop()
+            raise ValueError(f"dL of train_loss {train_loss} overflows to {dL}: losses this large are not a loss curve")
+        self.dL = dL
         if self.phase == S0_EXPLORE and len(self.losses) >= 3 and self.dL < self.s1_threshold:
             self._enter(S1_BOUNDARY, f"dL {self.dL:+.4f} < s1_threshold {self.s1_threshold:+.4f}")
         elif self.phase == S1_BOUNDARY and abs(self.dL) < self.s2_threshold:
@@ -364,7 +375,9 @@ def _number(name, value):
     if not (is_bool or isinstance(value, str | bytes) or value is None):
         try:
             return float(value)
-        except (TypeError, ValueError, RuntimeError, OverflowError):
+        except OverflowError:  # an int beyond the float range
+            raise ValueError(f"{name} must be finite, got an integer of {len(str(abs(value)))} digits") from None
+        except (TypeError, ValueError, RuntimeError):
             pass
     raise TypeError(f"{name} must be a number, got {value!r}")
 
@@ -383,15 +396,11 @@ def _positive(name, value):
 
 def _count(name, value, minimum=1):
     """A whole number >= minimum (an int, or a float or numpy number that equals one)."""
-    number = _number(name, value)
-    if not (math.isfinite(number) and number == int(number) and number >= minimum):
+    if type(value) is int:  # of any size: no float involved
+        whole = value
+    else:
+        number = _number(name, value)
+        whole = int(number) if math.isfinite(number) and number == int(number) else None
+    if whole is None or whole < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
-    return int(number)
-
-
-if __name__ == "__main__":  # the experiment, which imports this file anew as phase_controller
-    import sys
-
-    from phase_cifar10 import main
-
-    sys.exit(main())
+    return whole

@@ -1,10 +1,11 @@
 """The CIFAR-10 experiment around phase_controller.py, one file per stage, in the order data flows:
 
     model.py         hyperparameters, the shared base schedule, the narrow CIFAR ResNet
-    files.py         one-line errors, atomic writes, what identifies a run in its results file
+    files.py         one-line errors, files read and written safely, locks, what identifies a run
     data.py          CIFAR-10 read safely, downloaded and checked; the synthetic task; the splits
     loader.py        whole splits on the training device, augmented a whole epoch at a time
     training.py      one training loop for every arm, the arm's epoch, checkpoints, the control
+    records.py       results files and checkpoints checked for shape before any use
     evidence.py      paired statistics, the multi-seed summary, the success criteria
     figures.py       per-seed and summary figures
     replay.py        the controller over a logged loss curve
@@ -15,21 +16,30 @@ The mechanism itself is phase_controller.py, which needs torch only; this packag
 matplotlib (`pip install ".[demo]"`).
 """
 
+import signal
 import sys
 
 
 def main(argv=None):
     """The `phase-controller` command and `python phase_controller.py`; returns the exit code."""
+    # A cluster's preemption (SIGTERM) stops a run as cleanly as Ctrl-C does, from the first moment.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        import matplotlib  # noqa: F401
-        import numpy  # noqa: F401
-    except ImportError as e:
-        print(
-            f"phase_controller.py: error: the experiment needs numpy and matplotlib ({e}): "
-            "pip install numpy matplotlib (or install this package with its demo extra: pip install '.[demo]')",
-            file=sys.stderr,
-        )
-        return 2
-    from .command_line import main as run_command_line
-
-    return run_command_line(argv)
+        try:
+            import matplotlib  # noqa: F401
+            import numpy  # noqa: F401
+        except ImportError as e:
+            print(
+                f"phase_controller.py: error: the experiment needs numpy and matplotlib ({e}): pip install numpy "
+                "matplotlib (or install this package with its demo extra: pip install '.[demo]')",
+                file=sys.stderr,
+            )
+            return 2
+        try:
+            from .command_line import main as run_command_line  # torch: seconds
+        except KeyboardInterrupt:
+            print("\ninterrupted while starting; nothing was written", file=sys.stderr)
+            return 130
+        return run_command_line(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

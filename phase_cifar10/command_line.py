@@ -4,22 +4,24 @@ import argparse
 import inspect
 import math
 import shlex
-import signal
 import sys
+
+import torch
 
 from phase_controller import PhaseController
 
 from .data import CIFAR_FOLDER
-from .files import UserError
+from .files import SEED_RANGE, UserError, first_line, os_error
 from .model import BASE_LR, BATCH_SIZE, EPOCHS, WARMUP_EPOCHS, WIDTH
 from .replay import replay
-from .runs import NothingToResume, parse_seeds, run_training, write_summary
+from .runs import NothingToResume, StoppedOnRank0, parse_seeds, run_training, write_summary
 from .training import controller_from_config
 
 SEED = 42
 SEEDS = "42,137,2024"
 OUTPUT_DIR = "results"
 DATA_DIR = "data"
+MAX_EPOCHS = 1_000_000  # far beyond any run; keeps every count and sum in float range
 # The phase controller's flags default to its own keywords' defaults: the original's settings.
 CONTROLLER_DEFAULTS = {name: p.default for name, p in inspect.signature(PhaseController).parameters.items()}
 
@@ -103,8 +105,14 @@ def check_config(config):
     config["seeds"] = SEEDS if config["seeds"] is None else config["seeds"]
     if config["warmup_epochs"] is None:  # short smoke runs keep at least one epoch after the warmup
         config["warmup_epochs"] = min(WARMUP_EPOCHS, max(config["epochs"] - 1, 0))
+    for flag in ("output_dir", "data_dir", "summarize", "replay"):
+        path = config[flag]
+        if path is not None and (not path.strip() or "\0" in path):
+            raise UserError(f"--{flag.replace('_', '-')} needs a path, got {path!r}")
     rules = [
         (config["epochs"] >= 1, f"--epochs must be >= 1, got {config['epochs']}"),
+        (config["epochs"] <= MAX_EPOCHS, f"--epochs must be <= {MAX_EPOCHS:,}, got {config['epochs']}"),
+        (0 <= config["seed"] < SEED_RANGE, f"--seed must be >= 0 and < 2**32, got {config['seed']}"),
         (
             0 <= config["warmup_epochs"] < config["epochs"],
             f"--warmup-epochs must be >= 0 and < --epochs ({config['epochs']}), got {config['warmup_epochs']}: "
@@ -121,9 +129,11 @@ def check_config(config):
             raise UserError(message)
     try:  # the controller's settings: PhaseController's own checks, reported under the flags' names
         controller_from_config(config)
-    except ValueError as e:
+    except (TypeError, ValueError) as e:
         key, rest = str(e).split(" ", 1)
         raise UserError(f"--{key.replace('_', '-')} {rest}") from None
+    if not math.isfinite(config["base_lr"] * max(config["lr_pulse"], 1.0) * config["epochs"]):
+        raise UserError(f"--base-lr {config['base_lr']} is too large: its LRs summed over the epochs overflow")
     parse_seeds(config["seeds"])
 
 
@@ -132,28 +142,53 @@ def main(argv=None):
     if argv is None:
         argv = sys.argv[1:]
         sys.stdout.reconfigure(line_buffering=True)  # progress lines appear at once, also through a pipe
-    # A cluster's preemption (SIGTERM) stops a run as cleanly as Ctrl-C does.
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    config = None
     try:
         config = parse_command_line(argv)
-        if config["summarize"]:
+        if config["summarize"] is not None:
             write_summary(config["summarize"])
             return 0
-        if config["replay"]:
+        if config["replay"] is not None:
             return replay(config)
         return run_training(config)
-    except UserError as e:
-        print(f"phase_controller.py: error: {e}", file=sys.stderr)
+    except StoppedOnRank0:  # rank 0 says why
         return 2
+    except UserError as e:
+        return error(e)
     except NothingToResume:
         print("\ninterrupted before training started; nothing to resume", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        again = " ".join(
-            shlex.quote(a)
-            for a in ["python", "phase_controller.py", *argv, *([] if "--resume" in argv else ["--resume"])]
-        )
-        print(f"\ninterrupted; every completed epoch is checkpointed. Continue with:\n  {again}", file=sys.stderr)
+        print(f"\ninterrupted; {what_to_do_next(config, argv)}", file=sys.stderr)
         return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    except (MemoryError, RuntimeError) as e:
+        if not (isinstance(e, MemoryError) or is_allocation_failure(e)):
+            raise  # a bug: its traceback is what finds it
+        return error(f"out of memory ({first_line(e)}); {what_to_do_next(config, argv, out_of_memory=True)}")
+    except OSError as e:
+        if e.filename is None:
+            raise
+        return error(f"cannot use {os_error(e)}")
+
+
+def error(message):
+    print(f"phase_controller.py: error: {message}", file=sys.stderr)
+    return 2
+
+
+def what_to_do_next(config, argv, out_of_memory=False):
+    """After an interrupt or running out of memory: what is safe, and the command to continue."""
+    if config is None or config["summarize"] is not None or config["replay"] is not None:
+        smaller = "a smaller input, or " if out_of_memory else ""
+        return f"files are written whole or not at all: rerun the same command ({smaller}on a larger machine)"
+    again = " ".join(
+        shlex.quote(a) for a in ["python", "phase_controller.py", *argv, *([] if "--resume" in argv else ["--resume"])]
+    )
+    smaller = "lower --batch-size or --width (a new run) or free memory; " if out_of_memory else ""
+    return f"{smaller}every completed epoch is checkpointed. Continue with:\n  {again}"
+
+
+def is_allocation_failure(e):
+    """torch's out-of-memory errors: a CUDA one of its own type, a CPU one a RuntimeError saying so."""
+    cuda_oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    return isinstance(e, cuda_oom) or "can't allocate memory" in str(e) or "not enough memory" in str(e)

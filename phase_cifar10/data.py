@@ -4,6 +4,7 @@ import functools
 import hashlib
 import os
 import pickle
+import shutil
 import tarfile
 import tempfile
 import urllib.request
@@ -12,7 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .files import UserError, new_folders_removed_on_failure
+from .files import UserError, first_line, lock_file, new_folders_removed_on_failure, open_regular_file, os_error
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
@@ -20,6 +21,10 @@ CIFAR_ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR_FOLDER = "cifar-10-batches-py"
 CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_CASES_PER_BATCH = 10000
+# Bounds on a batch file's size: an image's 3,072 bytes plus its label and file name (3,103 bytes
+# per image in the official files), and room for the rest.
+BATCH_BYTES_PER_IMAGE = 4096
+PICKLE_OVERHEAD_BYTES = 1 << 20
 SPLIT_SEED = 0  # the one permutation behind --subset and --val-size, the same for every --seed
 
 
@@ -50,15 +55,21 @@ class SafeCifarUnpickler(pickle.Unpickler):
         return _SAFE_GLOBALS[(module, name)]
 
 
-def read_cifar_pickle(path):
-    """One batch or meta file as a dict with str keys (files written with bytes keys too)."""
+def read_cifar_pickle(path, max_bytes=CIFAR_CASES_PER_BATCH * BATCH_BYTES_PER_IMAGE + PICKLE_OVERHEAD_BYTES):
+    """One batch or meta file as a dict with str keys (files written with bytes keys too); a file
+    larger than max_bytes, what its contents can need, is refused before it is read."""
     try:
-        with open(path, "rb") as f:
+        with open_regular_file(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
+                raise UserError(f"{path}: {size:,} bytes, more than the {max_bytes:,} such a file can need")
             obj = SafeCifarUnpickler(f, encoding="latin1").load()
     except FileNotFoundError:
         raise UserError(f"{path}: file missing") from None
-    except Exception as e:
-        raise UserError(f"{path}: not a readable CIFAR-10 pickle ({type(e).__name__}: {e})") from None
+    except UserError:
+        raise
+    except Exception as e:  # a tampered or truncated pickle fails in many ways; MemoryError among them
+        raise UserError(f"{path}: not a readable CIFAR-10 pickle ({first_line(e)})") from None
     if not isinstance(obj, dict):
         raise UserError(f"{path}: expected a dict, found {type(obj).__name__}")
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
@@ -66,18 +77,30 @@ def read_cifar_pickle(path):
 
 def read_cifar_batch(path, count):
     """Images (count, 3, 32, 32) uint8 and labels (count,) int64 of one batch file, checked."""
-    batch = read_cifar_pickle(path)
+    batch = read_cifar_pickle(path, max_bytes=count * BATCH_BYTES_PER_IMAGE + PICKLE_OVERHEAD_BYTES)
     data, labels = batch.get("data"), batch.get("labels")
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.shape != (count, 3072):
         found = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise UserError(f"{path}: 'data' should be uint8 of shape ({count}, 3072), found {found}")
-    labels = np.asarray(labels)
-    if labels.shape != (count,) or not np.issubdtype(labels.dtype, np.integer):
-        raise UserError(f"{path}: 'labels' should be {count} integers, found {labels.dtype} {labels.shape}")
-    if labels.min() < 0 or labels.max() > 9:
-        raise UserError(f"{path}: labels must lie in 0-9, found {labels.min()}..{labels.max()}")
+    # Checked as Python values first: np.asarray of lists nested in lists could expand without bound.
+    if isinstance(labels, list) and len(labels) == count and all(type(v) is int for v in labels):
+        low, high = min(labels), max(labels)
+    elif isinstance(labels, np.ndarray) and labels.shape == (count,) and np.issubdtype(labels.dtype, np.integer):
+        low, high = labels.min(), labels.max()
+    else:
+        found = f"{labels.dtype} {labels.shape}" if isinstance(labels, np.ndarray) else describe_labels(labels)
+        raise UserError(f"{path}: 'labels' should be {count} integers, found {found}")
+    if low < 0 or high > 9:
+        raise UserError(f"{path}: labels must lie in 0-9, found {low}..{high}")
     # Each row holds the red plane, then green, then blue, each 32x32 row-major.
-    return data.reshape(count, 3, 32, 32), labels.astype(np.int64)
+    return data.reshape(count, 3, 32, 32), np.asarray(labels, dtype=np.int64)
+
+
+def describe_labels(labels):
+    if not isinstance(labels, list):
+        return type(labels).__name__
+    kinds = sorted({type(v).__name__ for v in labels})
+    return f"a list of {len(labels)} ({', '.join(kinds) or 'nothing'})"
 
 
 def read_cifar10(folder):
@@ -87,7 +110,7 @@ def read_cifar10(folder):
     same format (as the tests write) reads too; the full dataset has 10,000 per batch.
     """
     folder = Path(folder)
-    meta = read_cifar_pickle(folder / "batches.meta")
+    meta = read_cifar_pickle(folder / "batches.meta", max_bytes=PICKLE_OVERHEAD_BYTES)
     count, names = meta.get("num_cases_per_batch"), meta.get("label_names")
     if not isinstance(count, int) or count < 1:
         raise UserError(f"{folder / 'batches.meta'}: 'num_cases_per_batch' is {count!r}")
@@ -102,7 +125,7 @@ def read_cifar10(folder):
 
 def file_md5(path):
     digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
+    with open_regular_file(path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -137,18 +160,32 @@ def prepare_cifar10(data_dir):
 
     Unpacking and downloading happen in a hidden temporary folder that is renamed into place
     only after every file has been read and checked, so an interrupted download, a failed
-    checksum or a broken archive leaves no half-written dataset behind.
+    checksum or a broken archive leaves no half-written dataset behind. One process at a time
+    unpacks into a data folder (the others wait), and it first removes what a killed one left.
     """
     data_dir = Path(data_dir)
     folder = data_dir / CIFAR_FOLDER
-    if folder.is_dir():
-        return folder
     how_to_fix = (
         f"put the official {CIFAR_ARCHIVE} into {data_dir}/ (or unpack it there as "
         f"{folder}/), or point --data-dir at the folder that holds {CIFAR_FOLDER}/"
     )
-    with new_folders_removed_on_failure(data_dir, "--data-dir"):
-        return unpack_or_download_cifar10(data_dir, folder, how_to_fix)
+    try:
+        if folder.is_dir():
+            return folder
+        if folder.exists() or folder.is_symlink():
+            raise UserError(f"{folder} is not a folder: remove it, or point --data-dir at another folder")
+        with new_folders_removed_on_failure(data_dir, "--data-dir"):
+            wait = f"another process ({{holder}}) is unpacking CIFAR-10 in {data_dir}; waiting for it"
+            with lock_file(data_dir / ".cifar10-unpacking.lock", wait_message=wait) as locked:
+                if folder.is_dir():  # the process waited for put it there
+                    return folder
+                if locked:  # no one else is unpacking: what is there was left by a killed process
+                    for leftover in data_dir.glob(".cifar10-unpacking-*"):
+                        if leftover.is_dir() and not leftover.is_symlink():
+                            shutil.rmtree(leftover)
+                return unpack_or_download_cifar10(data_dir, folder, how_to_fix)
+    except OSError as e:  # a read-only data folder, say
+        raise UserError(f"--data-dir {data_dir}: cannot unpack CIFAR-10 there ({os_error(e)}); {how_to_fix}") from None
 
 
 def unpack_or_download_cifar10(data_dir, folder, how_to_fix):

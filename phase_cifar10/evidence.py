@@ -1,6 +1,5 @@
 """The evidence: paired statistics over seeds, the multi-seed summary, and the success criteria."""
 
-import json
 import math
 import re
 from pathlib import Path
@@ -10,6 +9,7 @@ import numpy as np
 from phase_controller import S2_AXIS_LOCK
 
 from .files import ARMS, BASELINE, METRICS, PHASE_AWARE, RUN_KEYS, UserError, run_identity
+from .records import read_results_file
 
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
@@ -110,11 +110,8 @@ def load_seed_results(folder, seeds=None):
     results, reference = {}, None
     for seed in sorted(seeds):
         path = folder / f"results_seed_{seed}.json"
-        try:
-            results[seed] = json.loads(path.read_text())
-            identity = run_identity(results[seed]["config"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{path}: not a readable results file ({type(e).__name__}: {e})") from None
+        results[seed] = read_results_file(path, seed)
+        identity = run_identity(results[seed]["config"])
         if reference is None:
             reference = (path, identity)
         elif identity != reference[1]:

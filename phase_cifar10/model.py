@@ -63,9 +63,18 @@ class CifarResNet(nn.Module):
         return self.head(self.stages(self.stem(x)).mean((2, 3)))
 
 
-def parameter_count(width):
-    """The number of trained parameters of the model at this width."""
-    return sum(p.numel() for p in CifarResNet(width).parameters())
+def parameter_count(width, num_classes=10):
+    """The number of trained parameters of the model at this width, counted without building it
+    (a width too large for memory is refused with this count before anything is allocated)."""
+
+    def block(c_in, c_out, shortcut):  # two 3x3 convolutions, their batch norms, a 1x1 shortcut
+        return 9 * c_in * c_out + 9 * c_out * c_out + 4 * c_out + (c_in * c_out + 2 * c_out if shortcut else 0)
+
+    w = width
+    stem = 27 * w + 2 * w
+    stages = 2 * block(w, w, False) + block(w, 2 * w, True) + block(2 * w, 2 * w, False)
+    stages += block(2 * w, 4 * w, True) + block(4 * w, 4 * w, False)
+    return stem + stages + 4 * w * num_classes + num_classes
 
 
 def memory_format_for(device, width):

@@ -2,14 +2,24 @@
 
 import csv
 import json
-import math
 from pathlib import Path
 from typing import NamedTuple
 
 from phase_controller import PhaseController
 
 from .figures import plot_replay
-from .files import PHASE_AWARE, RUN_KEY_DEFAULTS, UserError, check_output_dir, make_folder, write_json
+from .files import (
+    PHASE_AWARE,
+    RUN_KEY_DEFAULTS,
+    UserError,
+    check_output_dir,
+    is_finite_number,
+    make_folder,
+    parse_json,
+    read_text,
+    write_json,
+)
+from .records import check_results
 from .training import controller_from_config
 
 
@@ -33,38 +43,32 @@ def read_loss_log(path):
     as_csv = path.suffix.lower() == ".csv"
     how = READ_AS_CSV if as_csv else READ_AS_JSON
     try:
-        text = path.read_bytes().decode("utf-8-sig")  # -sig: drops a spreadsheet's byte-order mark
-    except OSError as e:
-        raise UserError(f"--replay {path}: cannot read ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise UserError(f"--replay {path}: not UTF-8 text (a binary file, or UTF-16: save it as UTF-8)") from None
-    try:
+        text = read_text(path)
         if not text.strip():
             raise ValueError("the file is empty")
         if as_csv:
             log = read_csv_losses(text)
         else:
             try:
-                data = json.loads(text)
+                data = parse_json(text)
             except ValueError as e:
                 raise ValueError(f"{how}, but it is not JSON ({e}); for a CSV, name it .csv") from None
             log = read_json_losses(data)
-        values = log.train + [e for e in log.eval or [] if e is not None]
-        if not all(is_number(v) and math.isfinite(v) for v in values):
+        if not all(is_finite_number(v) for v in log.train + [e for e in log.eval or [] if e is not None]):
             raise ValueError(f"{how}: losses must be finite numbers")
+    except OSError as e:
+        raise UserError(f"--replay {path}: cannot read it ({e.strerror or e})") from None
     except ValueError as e:
         raise UserError(f"--replay {path}: {e}") from None
     return log
 
 
-def is_number(value):
-    """An int or float; JSON's true and false are not losses."""
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def read_csv_losses(text):
     """Names and values may carry spaces and quotes; an empty eval_loss cell means no evaluation."""
-    rows = [[cell.strip() for cell in row] for row in csv.reader(text.splitlines()) if any(c.strip() for c in row)]
+    try:
+        rows = [[cell.strip() for cell in row] for row in csv.reader(text.splitlines()) if any(c.strip() for c in row)]
+    except csv.Error as e:  # a cell beyond csv's field size limit, say
+        raise ValueError(f"{READ_AS_CSV}, but it is not CSV this program reads ({e})") from None
     if not rows or "train_loss" not in rows[0]:
         found = ", ".join(rows[0]) if rows else "only separators"
         raise ValueError(f"{READ_AS_CSV}: needs a train_loss column in its header, found {found}")
@@ -92,23 +96,22 @@ def read_json_losses(data):
     if isinstance(data, list):
         if not data:
             raise ValueError("no losses in it")
-        wrong = next((i for i, v in enumerate(data) if not is_number(v)), None)
+        wrong = next((i for i, v in enumerate(data) if not is_finite_number(v)), None)
         if wrong is not None:
-            raise ValueError(f"item {wrong} of the list is {json.dumps(data[wrong])}, not a number")
+            raise ValueError(f"item {wrong} of the list is {shorten(json.dumps(data[wrong]))}, not a finite number")
         return LossLog([float(v) for v in data], None, None, None)
     if not (isinstance(data, dict) and isinstance(data.get(PHASE_AWARE), dict) and "config" in data):
         raise ValueError("expected a results_seed_N.json file or a JSON list of numbers")
-    try:  # a results file: the phase arm's view of the run
-        log = data[PHASE_AWARE]["per_epoch"]
-        train, phases = list(log["train_loss"]), log["phase"]
-        eval_losses = log.get("val_loss", log["eval_loss"])  # what the controller saw
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"a results file without the phase arm's per-epoch {e}") from None
-    if not train:
+    check_results(data)  # a results file: the phase arm's view of the run
+    log = data[PHASE_AWARE]["per_epoch"]
+    if not log["train_loss"]:
         raise ValueError("no losses in it")
-    if len(eval_losses) != len(train) or len(phases) != len(train):
-        raise ValueError("a results file whose per-epoch lists differ in length")
-    return LossLog(train, eval_losses, phases, data["config"])
+    eval_losses = log.get("val_loss", log["eval_loss"])  # what the controller saw
+    return LossLog(log["train_loss"], eval_losses, log["phase"], data["config"])
+
+
+def shorten(text, limit=60):
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def replay(config):
@@ -120,7 +123,7 @@ def replay(config):
     if config["dl_mode"] == "relative" and at is not None:
         raise UserError(f"--replay {source}: --dl-mode relative needs positive losses; epoch {at} has {log.train[at]}")
     print(f"replaying {len(log.train)} epochs of {source}")
-    rows = replay_rows(log, controller)
+    rows = replay_rows(log, controller, source)
     if log.phases is not None:
         print(compare_with_recorded(rows, log, config))
     out, stem = Path(config["output_dir"]), Path(source).stem
@@ -132,19 +135,22 @@ def replay(config):
         "transition_epochs": controller.transition_epochs,
     }
     make_folder(out, "--output-dir")
-    write_json(out / f"replay_{stem}.json", replay_result)
+    write_json(out / f"replay_{stem}.json", replay_result, indent=None)  # a row per epoch: long logs write fast
     plot_replay(rows, controller, out / f"replay_{stem}.png", title=str(source))
     print(f"wrote {out / f'replay_{stem}.json'} and {out / f'replay_{stem}.png'}")
     return 0
 
 
-def replay_rows(log, controller):
+def replay_rows(log, controller, source):
     """Observe every logged epoch, printing a table row each; the rows, then the transitions."""
     print("epoch  train_loss  eval_loss        dL  phase          next lr_mult  next accum")
     rows = []
     for epoch, loss in enumerate(log.train):
         eval_loss = log.eval[epoch] if log.eval else None
-        lr_mult, accumulation = controller.observe(loss, eval_loss)
+        try:
+            lr_mult, accumulation = controller.observe(loss, eval_loss)
+        except ValueError as e:  # a slope that overflows
+            raise UserError(f"--replay {source}: epoch {epoch}: {e}") from None
         row = {"epoch": epoch, "train_loss": loss, "eval_loss": eval_loss, "dL": controller.dL,
                "phase": controller.phase, "lr_mult": lr_mult, "accumulation": accumulation}  # fmt: skip
         rows.append(row)

@@ -1,8 +1,6 @@
 """Runs: a seed's arms from start to results file; seeds, devices, locks, resume and torchrun."""
 
-import json
 import os
-import socket
 import sys
 from contextlib import ExitStack, contextmanager
 from datetime import timedelta
@@ -31,16 +29,19 @@ from .files import (
     CONTROL,
     METRICS,
     PHASE_AWARE,
-    RUN_KEY_DEFAULTS,
     RUN_KEYS,
+    SEED_RANGE,
+    LockHeld,
     UserError,
     check_output_dir,
+    lock_file,
     make_folder,
     run_identity,
     write_json,
 )
 from .loader import DeviceSplit
 from .model import MOMENTUM, WEIGHT_DECAY, memory_format_for, parameter_count
+from .records import BadRecord, check_checkpoint, load_checkpoint, read_results_file
 from .training import (
     Progress,
     SeedRun,
@@ -51,11 +52,6 @@ from .training import (
     seed_everything,
     set_up_backends,
 )
-
-try:
-    import fcntl  # seed locks; absent on Windows
-except ImportError:
-    fcntl = None
 
 
 def run_seed(run):
@@ -115,35 +111,43 @@ def write_summary(folder, seeds=None):
 
 def run_training(config):
     """Train this process's seeds (every K-th under torchrun); returns the exit code."""
-    with nothing_to_resume_yet():
+    with nothing_to_resume_yet(config["output_dir"]):
         set_up_backends()
         rank, world, local_rank, local_world = distributed_env()
         device = pick_device(config["device"], local_rank, local_world)
         precision = choose_precision(config["bf16"], device)
         output_dir = check_output_dir(config["output_dir"])
         if world > 1:
-            join_process_group(config, rank)
-        seeds = seeds_to_run(config)
-        my_seeds = seeds[rank::world]
-        # Fail fast: data, splits and resumability of every seed are checked before anything is written.
-        plans = {seed: plan_seed(config, seed, device, precision) for seed in my_seeds}
-        finished = {s for s, plan in plans.items() if config["resume"] and check_resumable(s, output_dir, plan.config)}
-        make_folder(output_dir, "--output-dir")
-    with ExitStack() as locks:
-        for seed in my_seeds:
-            locks.enter_context(seed_lock(output_dir, seed))
-        diverged = train_seeds(config, plans, finished, device, precision, output_dir)
-    if world > 1:  # every rank learns every rank's divergences, so all agree on the exit code
-        gathered = [None] * world
-        dist.all_gather_object(gathered, diverged)
-        diverged = [line for lines in gathered for line in lines]
-    if config["multi_seed"] and rank == 0:
-        write_summary(output_dir, seeds)
-    if world > 1:
-        # No rank exits before rank 0 has written the summary: torchrun stops every worker as soon
-        # as one exits with an error.
-        dist.barrier()
-        dist.destroy_process_group()
+            # Only collectives of small Python objects are needed: gloo serves them on any device.
+            dist.init_process_group("gloo", timeout=timedelta(days=7))  # seeds may run for days
+    try:
+        with nothing_to_resume_yet(output_dir):
+            seeds = seeds_to_run(config)
+            my_seeds = seeds[rank::world]
+            if config["dataset"] == "cifar10":  # rank 0 unpacks (or downloads) the data, the others then read it
+                on_every_rank(rank, world, lambda: rank == 0 and prepare_cifar10(config["data_dir"]))
+            # Fail fast: data, splits and resumability of every seed are checked before anything is written.
+            plans, finished = on_every_rank(
+                rank, world, lambda: check_seeds(config, my_seeds, device, precision, output_dir)
+            )
+            make_folder(output_dir, "--output-dir")
+        with ExitStack() as locks:
+            for seed in my_seeds:
+                locks.enter_context(seed_lock(output_dir, seed))
+            diverged = train_seeds(config, plans, finished, device, precision, output_dir)
+        if world > 1:  # every rank learns every rank's divergences, so all agree on the exit code
+            gathered = [None] * world
+            dist.all_gather_object(gathered, diverged)
+            diverged = [line for lines in gathered for line in lines]
+        if config["multi_seed"] and rank == 0:
+            write_summary(output_dir, seeds)
+        if world > 1:
+            # No rank exits before rank 0 has written the summary: torchrun stops every worker as soon
+            # as one exits with an error.
+            dist.barrier()
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
     if diverged:
         print(
             f"error: {len(diverged)} arm(s) diverged ({'; '.join(diverged)}); "
@@ -154,13 +158,38 @@ def run_training(config):
     return 0
 
 
-def join_process_group(config, rank):
-    # Only collectives of small Python objects are needed: gloo serves them on any device.
-    dist.init_process_group("gloo", timeout=timedelta(days=7))  # seeds may run for days
-    if config["dataset"] == "cifar10":  # one rank prepares the data folder, the others then read it
-        if rank == 0:
-            prepare_cifar10(config["data_dir"])
-        dist.barrier()
+def check_seeds(config, seeds, device, precision, output_dir):
+    """(plans, finished): what each seed trains on, and with --resume the results of finished seeds."""
+    plans = {seed: plan_seed(config, seed, device, precision) for seed in seeds}
+    finished = {}
+    if config["resume"]:
+        checked = {seed: check_resumable(seed, output_dir, plan.config) for seed, plan in plans.items()}
+        finished = {seed: results for seed, results in checked.items() if results is not None}
+    return plans, finished
+
+
+class StoppedOnRank0(UserError):
+    """A bad input on some rank, which rank 0 reports for all; the other ranks stop without a word."""
+
+
+def on_every_rank(rank, world, check):
+    """check() on this rank; under torchrun every rank then learns whether any rank failed it, so
+    that a bad input found on one rank stops them all, in one line, before any training."""
+    try:
+        result, error = check(), None
+    except UserError as e:
+        result, error = None, str(e)
+    errors = [error]
+    if world > 1:
+        errors = [None] * world
+        dist.all_gather_object(errors, error)
+    failed = [(where, message) for where, message in enumerate(errors) if message is not None]
+    if failed:
+        where, message = failed[0]
+        if rank != 0:
+            raise StoppedOnRank0(message)
+        raise UserError(message if world == 1 else f"{message} (found on rank {where}; every rank stopped)")
+    return result
 
 
 def distributed_env():
@@ -196,7 +225,28 @@ def pick_device(name, local_rank=0, local_world=1):
     return torch.device(name)
 
 
+def check_model_fits(width, device):
+    """Refuse a --width whose weights, gradients and momentum alone (4 bytes each) exceed the device's memory."""
+    parameters, memory = parameter_count(width), device_memory(device)
+    if memory is not None and 12 * parameters > memory:
+        raise UserError(
+            f"--width {width}: the model's {parameters:,} parameters need {12 * parameters // 2**30:,} GiB for "
+            f"weights, gradients and momentum alone, more than the {memory // 2**30:,} GiB of {device}"
+        )
+
+
+def device_memory(device):
+    """Bytes of memory of the device, where torch or the OS tell."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if device.type == "cpu" else None
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or not these names
+        return None
+
+
 def plan_seed(config, seed, device, precision):
+    check_model_fits(config["width"], device)
     data = synthetic_dataset(seed) if config["dataset"] == "synthetic" else cifar10_dataset(config["data_dir"])
     train_idx, val_idx = split_indices(len(data.train_y), config["subset"], config["val_size"])
     return SeedPlan(data, train_idx, val_idx, seed_config(config, seed, device, precision, data, len(train_idx)))
@@ -229,28 +279,29 @@ def seed_config(config, seed, device, precision, data, train_size):
 
 
 def check_resumable(seed, output_dir, config):
-    """With --resume: whether the seed is already finished, refusing files made with other settings."""
+    """With --resume: the seed's results when it is finished, else None; refuses a results file or
+    checkpoint of the wrong shape, or made with other settings."""
     identity = run_identity(config)
-    results = output_dir / f"results_seed_{seed}.json"
-    checkpoints = sorted(output_dir.glob(f"checkpoint_seed_{seed}_*.pt"))
-    for path in ([results] if results.exists() else []) + checkpoints:
-        try:
-            if path.suffix == ".json":
-                saved = json.loads(path.read_text())["config"]
-            else:
-                saved = torch.load(path, map_location="cpu", weights_only=True)["config"]
-        except Exception as e:
-            raise UserError(
-                f"--resume: cannot read {path} ({type(e).__name__}: {e}); delete it to start that seed afresh"
-            ) from None
-        saved = {k: saved.get(k, RUN_KEY_DEFAULTS.get(k)) for k in RUN_KEYS}
-        differing = [f"{k} {saved[k]!r} there, {identity[k]!r} now" for k in RUN_KEYS if saved[k] != identity[k]]
+    path = output_dir / f"results_seed_{seed}.json"
+    results = read_results_file(path, seed) if path.exists() else None
+    saved = [(path, results["config"])] if results else []
+    for arm in ARMS:
+        path = output_dir / f"checkpoint_seed_{seed}_{arm}.pt"
+        if path.exists():
+            try:
+                check_checkpoint(state := load_checkpoint(path), arm)
+            except BadRecord as e:
+                raise UserError(f"--resume: cannot use {path} ({e}); delete it to start that seed afresh") from None
+            saved.append((path, state["config"]))
+    for path, saved_config in saved:
+        before = run_identity(saved_config)
+        differing = [f"{k} {before[k]!r} there, {identity[k]!r} now" for k in RUN_KEYS if before[k] != identity[k]]
         if differing:
             raise UserError(
                 f"--resume: {path} was made with other settings ({'; '.join(differing)}); "
                 "rerun with those settings, or without --resume to start afresh"
             )
-    return results.exists()
+    return results
 
 
 @contextmanager
@@ -258,42 +309,22 @@ def seed_lock(output_dir, seed):
     """Hold the seed's lock in output_dir for the block, or refuse in one line.
 
     One seed, one process: a second launch, or a --resume while the first still trains, would
-    interleave checkpoints. The lock is the kernel's (flock), so a killed process never leaves a
-    lock behind; the file itself only names the holder, and is removed when the block ends.
+    interleave checkpoints.
     """
-    if fcntl is None:  # no flock on this platform (Windows): the user keeps seeds apart
-        yield
-        return
-    path = output_dir / f".lock_seed_{seed}"
-    while True:
-        handle = open(path, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise UserError(
-                f"seed {seed} is being trained in {output_dir} by {holder}; wait for it, or stop it and "
-                "continue with --resume"
-            ) from None
-        if path.exists() and os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
-            break
-        handle.close()  # its holder finished and removed the file while we waited for it: take the new one
     try:
-        handle.truncate(0)
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
-        handle.flush()
-        yield
-    finally:
-        path.unlink(missing_ok=True)  # while still held, so no one locks a removed file
-        handle.close()
+        with lock_file(output_dir / f".lock_seed_{seed}"):
+            yield
+    except LockHeld as e:
+        raise UserError(
+            f"seed {seed} is being trained in {output_dir} by {e.holder}; wait for it, or stop it and "
+            "continue with --resume"
+        ) from None
 
 
 def train_seeds(config, plans, finished, device, precision, output_dir):
     """This process's seeds, their locks held; returns one line per diverged arm."""
-    for seed in finished:
-        finish_skipped_seed(seed, output_dir)
+    for seed, results in finished.items():
+        finish_skipped_seed(seed, results, output_dir)
     arms = 3 if config["control"] == "lr-matched" else 2
     todo = {seed: plan for seed, plan in plans.items() if seed not in finished}
     for seed in todo:
@@ -337,26 +368,32 @@ def start_seed_run(config, seed, plan, device, output_dir, progress):
     )  # fmt: skip
 
 
-def finish_skipped_seed(seed, output_dir):
+def finish_skipped_seed(seed, results, output_dir):
     """A finished seed under --resume: redraw a figure a kill left missing, drop leftover checkpoints."""
     print(f"seed {seed}: results_seed_{seed}.json exists with these settings; skipped")
     figure = output_dir / f"figure_seed_{seed}.png"
     if not figure.exists():
-        plot_seed(json.loads((output_dir / f"results_seed_{seed}.json").read_text()), figure)
+        plot_seed(results, figure)
         print(f"seed {seed}: redrew {figure.name} from the results file")
     for path in output_dir.glob(f"checkpoint_seed_{seed}_*.pt"):
         path.unlink()
 
 
 class NothingToResume(KeyboardInterrupt):
-    """An interrupt before the first epoch: there is no checkpoint to continue from."""
+    """An interrupt before the first epoch, with no checkpoint in the output folder to continue from."""
 
 
 @contextmanager
-def nothing_to_resume_yet():
+def nothing_to_resume_yet(output_dir):
     try:
         yield
     except KeyboardInterrupt:
+        try:
+            checkpoints = any(Path(output_dir).glob("checkpoint_seed_*.pt"))
+        except OSError:
+            checkpoints = True  # cannot tell: advise --resume, which loses nothing
+        if checkpoints:
+            raise
         raise NothingToResume from None
 
 
@@ -365,6 +402,8 @@ def parse_seeds(text):
         seeds = [int(s) for s in text.split(",")]
     except ValueError:
         raise UserError(f"--seeds must be comma-separated integers, got {text!r}") from None
+    if not all(0 <= seed < SEED_RANGE for seed in seeds):
+        raise UserError(f"--seeds must lie in 0..2**32-1, got {text!r}")
     if len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds has duplicates: {text!r}")
     return seeds

@@ -15,9 +15,10 @@ import torch.nn.functional as F
 
 from phase_controller import PhaseController, PhaseScheduler
 
-from .files import CONTROL, UserError, write_atomically
+from .files import CONTROL, UserError, first_line, write_atomically
 from .loader import DeviceSplit
 from .model import EVAL_BATCH_SIZE, EVAL_BATCH_SIZE_CPU, MOMENTUM, WEIGHT_DECAY, base_lr_at, build_model
+from .records import ARM_LOGS, PHASE_ARM_LOGS, BadRecord, check_checkpoint, load_checkpoint
 
 
 def native_bf16(device):
@@ -176,7 +177,8 @@ def run_arm(run, name, controller=None, fixed_lr_mult=1.0):
     """
     cfg = run.config
     model, optimizer, scheduler = build_arm(run, controller, fixed_lr_mult)
-    arm, start = restore_arm(run, name, model, optimizer, scheduler) or (new_arm(controller, fixed_lr_mult), 0)
+    restored = restore_arm(run, name, model, optimizer, scheduler, fixed_lr_mult)
+    arm, start = restored or (new_arm(controller, fixed_lr_mult), 0)
     if arm["status"] != "ok":  # it diverged before an interruption: nothing left to train
         run.progress.skip(cfg["epochs"] - start)
         start = cfg["epochs"]
@@ -238,13 +240,10 @@ def build_arm(run, controller, fixed_lr_mult):
 
 
 def new_arm(controller, fixed_lr_mult):
-    keys = ["train_loss", "train_acc", "eval_loss", "eval_acc", "lr", "steps", "train_seconds", "eval_seconds"]
     arm = {"status": "ok", "time_seconds": 0.0}
     if controller is None:
         arm["fixed_lr_mult"] = fixed_lr_mult
-    else:
-        keys += ["phase", "dL", "lr_mult", "accumulation"]
-    arm["per_epoch"] = {key: [] for key in keys}
+    arm["per_epoch"] = {key: [] for key in (ARM_LOGS if controller is None else PHASE_ARM_LOGS)}
     return arm
 
 
@@ -303,24 +302,44 @@ def synchronize(device):
     return device.type in ("cuda", "mps")
 
 
-def restore_arm(run, name, model, optimizer, scheduler):
+def restore_arm(run, name, model, optimizer, scheduler, fixed_lr_mult):
     """(arm record, next epoch) from the arm's checkpoint when resuming; None when starting afresh."""
     path = run.checkpoint_path(name)
     if not (run.resume and path.exists()):
         return None
+    settings = optimizer_settings(optimizer)
     try:
-        state = torch.load(path, map_location=run.device, weights_only=True)
+        state = load_checkpoint(path, run.device)
+        next_epoch, arm = check_checkpoint(state, name)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        check_optimizer(optimizer, settings)
         scheduler.load_state_dict(state["scheduler"])
-        arm, next_epoch = state["arm"], state["next_epoch"]
+        if scheduler.controller is None and not (scheduler.lr_mult == arm["fixed_lr_mult"] == fixed_lr_mult):
+            raise BadRecord(f"its multiplier is not the arm's {fixed_lr_mult}")
     except Exception as e:
-        raise UserError(
-            f"--resume: cannot restore {path} ({type(e).__name__}: {e}); delete it to start afresh"
-        ) from None
+        raise UserError(f"--resume: cannot restore {path} ({first_line(e)}); delete it to start afresh") from None
     run.progress.skip(next_epoch)
     print(f"seed {run.seed} {name}: resumed after epoch {next_epoch - 1}")
     return arm, next_epoch
+
+
+def optimizer_settings(optimizer):
+    """Each param group's settings but its LR, which the scheduler sets."""
+    return [
+        {k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")} for group in optimizer.param_groups
+    ]
+
+
+def check_optimizer(optimizer, settings):
+    """A loaded optimizer state trains as the arm's own would: same settings, buffers shaped as the weights."""
+    if optimizer_settings(optimizer) != settings:
+        raise BadRecord(f"its optimizer settings are not {settings}")
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            buffer = optimizer.state.get(p, {}).get("momentum_buffer")
+            if buffer is not None and buffer.shape != p.shape:
+                raise BadRecord(f"a momentum buffer of shape {tuple(buffer.shape)} for weights {tuple(p.shape)}")
 
 
 def save_checkpoint(run, name, model, optimizer, scheduler, arm, next_epoch):
@@ -332,7 +351,7 @@ def save_checkpoint(run, name, model, optimizer, scheduler, arm, next_epoch):
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),  # base schedule, controller and multiplier
     }
-    write_atomically(run.checkpoint_path(name), lambda tmp: torch.save(state, tmp))
+    write_atomically(run.checkpoint_path(name), lambda f: torch.save(state, f))
 
 
 def finish_arm(arm, controller, selected_by):

