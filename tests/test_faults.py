@@ -21,6 +21,9 @@ def start_and_signal(out, after_line, sig, delay=0.15):
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "phase_controller.py"), *RUN, "--output-dir", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        # A shell without job control starts background jobs with SIGINT ignored, and Python keeps
+        # that; the run under test must get the handler a terminal's process gets.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     seen = []
     for line in process.stdout:
