@@ -11,7 +11,7 @@ import torch
 from phase_controller import PhaseController
 
 from .data import CIFAR_FOLDER
-from .files import SEED_RANGE, UserError, first_line, os_error
+from .files import SEED_RANGE, UserError, one_line, os_error
 from .model import BASE_LR, BATCH_SIZE, EPOCHS, WARMUP_EPOCHS, WIDTH
 from .replay import replay
 from .runs import NothingToResume, StoppedOnRank0, parse_seeds, run_training, write_summary
@@ -164,7 +164,7 @@ def main(argv=None):
     except (MemoryError, RuntimeError) as e:
         if not (isinstance(e, MemoryError) or is_allocation_failure(e)):
             raise  # a bug: its traceback is what finds it
-        return error(f"out of memory ({first_line(e)}); {what_to_do_next(config, argv, out_of_memory=True)}")
+        return error(f"out of memory ({one_line(e)}); {what_to_do_next(config, argv, out_of_memory=True)}")
     except OSError as e:
         if e.filename is None:
             raise

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .files import UserError, first_line, lock_file, new_folders_removed_on_failure, open_regular_file, os_error
+from .files import UserError, lock_file, new_folders_removed_on_failure, one_line, open_regular_file, os_error
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
@@ -69,7 +69,7 @@ def read_cifar_pickle(path, max_bytes=CIFAR_CASES_PER_BATCH * BATCH_BYTES_PER_IM
     except UserError:
         raise
     except Exception as e:  # a tampered or truncated pickle fails in many ways; MemoryError among them
-        raise UserError(f"{path}: not a readable CIFAR-10 pickle ({first_line(e)})") from None
+        raise UserError(f"{path}: not a readable CIFAR-10 pickle ({one_line(e)})") from None
     if not isinstance(obj, dict):
         raise UserError(f"{path}: expected a dict, found {type(obj).__name__}")
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}

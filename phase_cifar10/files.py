@@ -105,7 +105,7 @@ def os_error(error):
     return f"{error.filename}: {reason}" if error.filename else reason
 
 
-def first_line(error, limit=300):
+def one_line(error, limit=300):
     """An exception as one line: its type and its message with the line breaks folded, shortened."""
     message = " ".join(str(error).split())
     message = message if len(message) <= limit else message[: limit - 3] + "..."

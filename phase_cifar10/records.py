@@ -14,8 +14,8 @@ from .files import (
     PHASE_AWARE,
     SEED_RANGE,
     UserError,
-    first_line,
     is_finite_number,
+    one_line,
     open_regular_file,
     parse_json,
     read_text,
@@ -171,7 +171,7 @@ def load_checkpoint(path, map_location="cpu"):
     except OSError as e:
         raise BadRecord(e.strerror or str(e)) from None
     except Exception as e:  # truncated or not a torch file: torch raises RuntimeError and more
-        raise BadRecord(first_line(e)) from None
+        raise BadRecord(one_line(e)) from None
 
 
 def check_checkpoint(state, name):

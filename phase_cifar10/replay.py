@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -53,9 +54,7 @@ def read_loss_log(path):
                 data = parse_json(text)
             except ValueError as e:
                 raise ValueError(f"{how}, but it is not JSON ({e}); for a CSV, name it .csv") from None
-            log = read_json_losses(data)
-        if not all(is_finite_number(v) for v in log.train + [e for e in log.eval or [] if e is not None]):
-            raise ValueError(f"{how}: losses must be finite numbers")
+            log = read_json_losses(data)  # its losses checked there, a results file's by check_results
     except OSError as e:
         raise UserError(f"--replay {path}: cannot read it ({e.strerror or e})") from None
     except ValueError as e:
@@ -86,6 +85,8 @@ def read_csv_losses(text):
                 values.append(float(cell) if cell else None)
             except ValueError:
                 raise ValueError(f"row {number}: {name} {cell!r} is not a number") from None
+            if values[-1] is not None and not math.isfinite(values[-1]):
+                raise ValueError(f"{READ_AS_CSV}: losses must be finite numbers")
         return values
 
     eval_losses = column("eval_loss", required=False) if "eval_loss" in header else None

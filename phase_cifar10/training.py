@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from phase_controller import PhaseController, PhaseScheduler
 
-from .files import CONTROL, UserError, first_line, write_atomically
+from .files import CONTROL, UserError, one_line, write_atomically
 from .loader import DeviceSplit
 from .model import EVAL_BATCH_SIZE, EVAL_BATCH_SIZE_CPU, MOMENTUM, WEIGHT_DECAY, base_lr_at, build_model
 from .records import ARM_LOGS, PHASE_ARM_LOGS, BadRecord, check_checkpoint, load_checkpoint
@@ -318,7 +318,7 @@ def restore_arm(run, name, model, optimizer, scheduler, fixed_lr_mult):
         if scheduler.controller is None and not (scheduler.lr_mult == arm["fixed_lr_mult"] == fixed_lr_mult):
             raise BadRecord(f"its multiplier is not the arm's {fixed_lr_mult}")
     except Exception as e:
-        raise UserError(f"--resume: cannot restore {path} ({first_line(e)}); delete it to start afresh") from None
+        raise UserError(f"--resume: cannot restore {path} ({one_line(e)}); delete it to start afresh") from None
     run.progress.skip(next_epoch)
     print(f"seed {run.seed} {name}: resumed after epoch {next_epoch - 1}")
     return arm, next_epoch
