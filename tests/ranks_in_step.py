@@ -24,6 +24,7 @@ def decisions(sync_ranks, rank):
     seen = {"phase": [], "lr_mult": [], "accumulation": [], "lr": []}
     for train_loss, eval_loss in zip(LOSSES[rank], EVAL_LOSSES[rank], strict=True):
         scheduler.observe(train_loss, eval_loss)
+        optimizer.step()  # no gradients, so nothing moves; a loop steps its optimizer before its scheduler
         scheduler.step()
         seen["phase"].append(scheduler.controller.phase)
         seen["lr_mult"].append(scheduler.lr_mult)
