@@ -60,3 +60,31 @@ def test_readme_mean_row_matches_the_summary():
         low, high = stats["ci95"]
         assert cell.startswith(f"**{stats['mean']:+.2f}** (95% CI {low:+.2f}..{high:+.2f}")
         assert cell.endswith(f"{stats['positive']}/{stats['total']})")
+
+
+# ----- the default reproduction, seed by seed -----
+
+DEFAULT = ROOT / "results" / "default-cpu"
+DEFAULT_SEEDS = sorted(int(p.stem.removeprefix("results_seed_")) for p in DEFAULT.glob("results_seed_*.json"))
+
+
+def default_rows():
+    """{seed: cells} of the results table in results/default-cpu/README.md."""
+    text = (DEFAULT / "README.md").read_text().split("## So far", 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip("|").split("|") for line in text.splitlines() if re.match(r"\| \d+ \|", line)]
+    return {int(cells[0]): [c.strip() for c in cells[1:]] for cells in rows}
+
+
+def test_every_default_seed_has_a_row_and_every_row_a_seed():
+    assert sorted(default_rows()) == DEFAULT_SEEDS
+
+
+@pytest.mark.parametrize("seed", DEFAULT_SEEDS)
+def test_default_table_matches_the_seed_file(seed):
+    results = read_json(DEFAULT / f"results_seed_{seed}.json")
+    assert results["config"]["precision"] == "bf16-autocast"  # every default seed runs in bf16
+    cells = default_rows()[seed]
+    assert cells[:3] == [f"{results[arm]['final_acc']:.2f}" for arm in ("baseline", "phase_aware", "control")]
+    assert cells[3:5] == [f"{results[f'delta_final_acc{s}']:+.2f}" for s in ("", "_vs_control")]
+    transitions = results["phase_aware"]["transition_epochs"]
+    assert cells[5:7] == [f"epoch {transitions[s]}" if s in transitions else "never" for s in ("S1", "S2")]
