@@ -9,7 +9,15 @@ from helpers import ROOT, read_json
 from phase_cifar10 import evidence
 
 REFERENCE = ROOT / "results" / "reference-cpu"
-SEEDS = sorted(int(p.stem.removeprefix("results_seed_")) for p in REFERENCE.glob("results_seed_*.json"))
+DEFAULT = ROOT / "results" / "default-cpu"  # the default reproduction, seed by seed
+
+
+def seeds_in(folder):
+    return sorted(int(p.stem.removeprefix("results_seed_")) for p in folder.glob("results_seed_*.json"))
+
+
+SEEDS = seeds_in(REFERENCE)
+DEFAULT_SEEDS = seeds_in(DEFAULT)
 
 
 def test_the_reference_holds_seeds():
@@ -28,23 +36,31 @@ def test_the_cpu_reference_is_among_the_published_folders():
 def test_committed_summary_is_what_summarize_builds_from_the_committed_seeds(folder):
     built = evidence.build_summary(evidence.load_seed_results(folder))
     assert json.loads(json.dumps(built)) == read_json(folder / "multi_seed_summary.json")
-    seeds = sorted(int(p.stem.removeprefix("results_seed_")) for p in folder.glob("results_seed_*.json"))
-    assert built["seeds"] == seeds
+    assert built["seeds"] == seeds_in(folder)
+
+
+def table_rows(path, heading):
+    """{seed or "mean": cells} of the table in the section of a Markdown file under heading."""
+    text = path.read_text().split(heading, 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip("|").split("|") for line in text.splitlines() if re.match(r"\| (\d+|\*\*mean\*\*) \|", line)]
+    return {cells[0].strip().strip("*"): [c.strip() for c in cells[1:]] for cells in rows}
 
 
 def readme_rows():
-    """{seed or "mean": cells} of the main README's CPU reference table."""
-    text = (ROOT / "README.md").read_text().split("## Result: the CPU reference", 1)[1].split("\n## ", 1)[0]
-    rows = [line.strip("|").split("|") for line in text.splitlines() if re.match(r"\| (\d+|\*\*mean\*\*) \|", line)]
-    return {cells[0].strip().strip("*"): [c.strip() for c in cells[1:]] for cells in rows}
+    return table_rows(ROOT / "README.md", "## Result: the CPU reference")
+
+
+def accuracy_cells(results):
+    """The final accuracies of the three arms and the phase arm's two deltas, as a table prints them."""
+    finals = [f"{results[arm]['final_acc']:.2f}" for arm in ("baseline", "phase_aware", "control")]
+    return finals + [f"{results[f'delta_final_acc{s}']:+.2f}" for s in ("", "_vs_control")]
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_readme_table_matches_the_seed_file(seed):
     results = read_json(REFERENCE / f"results_seed_{seed}.json")
     cells = readme_rows()[str(seed)]
-    assert cells[:3] == [f"{results[arm]['final_acc']:.2f}" for arm in ("baseline", "phase_aware", "control")]
-    assert cells[3:5] == [f"{results[f'delta_final_acc{s}']:+.2f}" for s in ("", "_vs_control")]
+    assert cells[:5] == accuracy_cells(results)
     transitions = results["phase_aware"]["transition_epochs"]
     assert cells[5] == f"epoch {transitions['S1']}" and "S2" not in transitions
 
@@ -64,15 +80,10 @@ def test_readme_mean_row_matches_the_summary():
 
 # ----- the default reproduction, seed by seed -----
 
-DEFAULT = ROOT / "results" / "default-cpu"
-DEFAULT_SEEDS = sorted(int(p.stem.removeprefix("results_seed_")) for p in DEFAULT.glob("results_seed_*.json"))
-
 
 def default_rows():
     """{seed: cells} of the results table in results/default-cpu/README.md."""
-    text = (DEFAULT / "README.md").read_text().split("## So far", 1)[1].split("\n## ", 1)[0]
-    rows = [line.strip("|").split("|") for line in text.splitlines() if re.match(r"\| \d+ \|", line)]
-    return {int(cells[0]): [c.strip() for c in cells[1:]] for cells in rows}
+    return {int(k): cells for k, cells in table_rows(DEFAULT / "README.md", "## So far").items() if k != "mean"}
 
 
 def test_every_default_seed_has_a_row_and_every_row_a_seed():
@@ -84,7 +95,6 @@ def test_default_table_matches_the_seed_file(seed):
     results = read_json(DEFAULT / f"results_seed_{seed}.json")
     assert results["config"]["precision"] == "bf16-autocast"  # every default seed runs in bf16
     cells = default_rows()[seed]
-    assert cells[:3] == [f"{results[arm]['final_acc']:.2f}" for arm in ("baseline", "phase_aware", "control")]
-    assert cells[3:5] == [f"{results[f'delta_final_acc{s}']:+.2f}" for s in ("", "_vs_control")]
+    assert cells[:5] == accuracy_cells(results)
     transitions = results["phase_aware"]["transition_epochs"]
     assert cells[5:7] == [f"epoch {transitions[s]}" if s in transitions else "never" for s in ("S1", "S2")]
