@@ -3,19 +3,11 @@
 A PhaseController watches dL, the smoothed per-epoch change of the training loss, and walks through
 four phases: explore, boundary, axis lock, polish. Each phase asks the next epoch for a learning-rate
 multiplier and a gradient accumulation (the effective batch), from the one phase table below.
-PhaseScheduler puts that multiplier on top of any torch LR scheduler; the examples in their
-docstrings run as doctests.
+PhaseScheduler puts that multiplier on top of any torch LR scheduler; their examples are doctests.
 
 This file needs torch only. Run as a script it is the CIFAR-10 experiment's command line (the
 package phase_cifar10 beside it): `python phase_controller.py --help`.
 """
-
-if __name__ == "__main__":  # the experiment, which imports this file anew; first, so Ctrl-C while torch loads is clean
-    import sys
-
-    from phase_cifar10 import main
-
-    sys.exit(main())
 
 import copy
 import math
@@ -26,22 +18,22 @@ import torch.distributed as dist
 
 __all__ = [
     "PHASES", "S0_EXPLORE", "S1_BOUNDARY", "S2_AXIS_LOCK", "S3_POLISH",
-    "Recommendation", "phase_table", "loss_slope", "PhaseController", "PhaseScheduler",
+    "Recommendation", "phase_table", "dL_of", "PhaseController", "PhaseScheduler",
 ]  # fmt: skip
 
 EVAL_MIN_DELTA = 1e-4  # an eval loss must beat the best by this much to count as progress
 
 
-def loss_slope(losses, dl_window=3, dl_mode="absolute"):
-    """dL: the mean of the last w = min(dl_window, n-1) first differences of a loss curve of n
-    losses, which telescopes to (L[n-1] - L[n-1-w]) / w; 0 before two losses. dl_mode "relative"
-    divides it by the latest loss."""
+def dL_of(losses, dl_window=3, dl_mode="absolute"):
+    """dL of a loss curve of n losses: the mean of its last w = min(dl_window, n-1) first
+    differences, which telescopes to (L[n-1] - L[n-1-w]) / w; 0 before two losses. dl_mode
+    "relative" divides it by the latest loss."""
     dl_window, n = _count("dl_window", dl_window), len(losses)
     if n < 2:
         return 0.0
     w = min(dl_window, n - 1)
-    slope = (losses[-1] - losses[-1 - w]) / w
-    return slope / losses[-1] if dl_mode == "relative" else slope
+    dL = (losses[-1] - losses[-1 - w]) / w
+    return dL / losses[-1] if dl_mode == "relative" else dL
 
 
 PHASES = ("S0_EXPLORE", "S1_BOUNDARY", "S2_AXIS_LOCK", "S3_POLISH")
@@ -144,7 +136,7 @@ class PhaseController:
         if self.dl_mode == "relative" and not train_loss > 0:
             raise ValueError(f"a relative dL needs positive training losses, got {train_loss}")
         self.losses.append(train_loss)
-        dL = loss_slope(self.losses, self.dl_window, self.dl_mode)
+        dL = dL_of(self.losses, self.dl_window, self.dl_mode)
         if not math.isfinite(dL):  # finite losses near the float limit whose difference is not
             self.losses.pop()
             raise ValueError(f"dL of train_loss {train_loss} overflows to {dL}: losses this large are not a loss curve")
@@ -190,8 +182,9 @@ class PhaseController:
             (phase in PHASES, f"phase must be one of {PHASES}, got {phase!r}"),
             (isinstance(stale, int) and not isinstance(stale, bool) and stale >= 0, "stale must be an integer >= 0"),
             (isinstance(transitions, list) and all(isinstance(t, str) for t in transitions), "transitions: strings"),
-            (isinstance(epochs, dict) and all(k in ("S1", "S2", "S3") and isinstance(e, int) and 0 <= e < len(losses)
-                                              for k, e in epochs.items()), "transition_epochs: phase -> seen epoch"),
+            (isinstance(epochs, dict) and all(k in [p[:2] for p in PHASES[1:]] and type(e) is int
+                                              and 0 <= e < len(losses) for k, e in epochs.items()),
+             "transition_epochs: phase -> seen epoch"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:
@@ -217,11 +210,9 @@ class PhaseScheduler(torch.optim.lr_scheduler.LRScheduler):
     accumulation the controller recommends, and ends where it would without accumulation; each
     optimizer step uses the LR in force at its last micro-batch.
 
-    Many processes: when torch.distributed is initialised, observe() replaces each loss by its plain
-    mean over the ranks of process_group before the controller sees it, so every rank decides the
-    same phase at the same epoch. With equal shards that is the global mean loss; with unequal
-    shards it weighs every rank alike, not by its samples (pass losses you reduced yourself, with
-    sync_ranks=False, to weigh otherwise). observe() is then a collective: call it on every rank.
+    Many processes: when torch.distributed is initialised, observe() is a collective that replaces
+    each loss by its plain mean over the ranks (every rank alike, not by its samples), so every rank
+    decides the same phase at the same epoch. To weigh otherwise, reduce yourself: sync_ranks=False.
 
     Args:
         optimizer: the wrapped optimizer.
@@ -268,11 +259,8 @@ class PhaseScheduler(torch.optim.lr_scheduler.LRScheduler):
 
     def __repr__(self):
         base = "constant" if self.base is None else type(self.base).__name__
-        phase = None if self.controller is None else self.controller.phase
-        return (
-            f"PhaseScheduler(phase={phase}, lr_mult={self.lr_mult}, accumulation={self.accumulation}, "
-            f"last_lr={self.get_last_lr()}, base={base}, controller={self.controller!r})"
-        )
+        return (f"PhaseScheduler(lr_mult={self.lr_mult}, accumulation={self.accumulation}, "
+                f"last_lr={self.get_last_lr()}, base={base}, controller={self.controller!r})")  # fmt: skip
 
     def _apply(self, lr_mult=None):
         """Each group's LR: its unscaled LR times lr_mult (the current multiplier when None)."""
@@ -348,10 +336,8 @@ class PhaseScheduler(torch.optim.lr_scheduler.LRScheduler):
         if not all(isinstance(state_dict[name], list) and len(state_dict[name]) == groups for name in names):
             raise ValueError(f"PhaseScheduler state_dict: {' and '.join(names)} need one LR per param group")
         unscaled, base_lrs = ([_finite(name, lr) for lr in state_dict[name]] for name in names)
-        lr_mult, accumulation = (
-            _positive("lr_mult", state_dict["lr_mult"]),
-            _count("accumulation", state_dict["accumulation"]),
-        )
+        lr_mult, accumulation = _positive("lr_mult", state_dict["lr_mult"]), state_dict["accumulation"]
+        accumulation = _count("accumulation", accumulation)
         last_epoch = _count("last_epoch", state_dict["last_epoch"], minimum=0)
         # Base and controller load last, restored to their own state if either refuses.
         saved = [(part, part.state_dict()) for part in (self.base, self.controller) if part is not None]
@@ -404,3 +390,11 @@ def _count(name, value, minimum=1):
     if whole is None or whole < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
     return whole
+
+
+if __name__ == "__main__":  # the CIFAR-10 experiment, which imports this file anew as phase_controller
+    import sys
+
+    from phase_cifar10 import main
+
+    sys.exit(main())

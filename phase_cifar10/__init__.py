@@ -1,16 +1,18 @@
 """The CIFAR-10 experiment around phase_controller.py, one file per stage, in the order data flows:
 
     model.py         hyperparameters, the shared base schedule, the narrow CIFAR ResNet
-    files.py         one-line errors, files read and written safely, locks, what identifies a run
+    files.py         one-line errors, files read and written safely, locks
+    settings.py      a run's settings, each defined once; the flags built from them; their one check
     data.py          CIFAR-10 read safely, downloaded and checked; the synthetic task; the splits
     loader.py        whole splits on the training device, augmented a whole epoch at a time
-    training.py      one training loop for every arm, the arm's epoch, checkpoints, the control
-    records.py       results files and checkpoints checked for shape before any use
+    records.py       results files and checkpoints: their names, and their shape checked before use
+    progress.py      the console's progress lines
+    training.py      one training loop for every arm: a seed's arms, an arm as one object, the control
+    figures.py       per-seed, summary and replay figures
     evidence.py      paired statistics, the multi-seed summary, the success criteria
-    figures.py       per-seed and summary figures
     replay.py        the controller over a logged loss curve
-    runs.py          seeds, devices, locks, torchrun: a seed's arms from start to results file
-    command_line.py  the flags and main()
+    launch.py        devices, precision, torchrun ranks, locks, resume: each seed from start to results file
+    command_line.py  main(): the mode the settings ask for, and the exit codes
 
 The mechanism itself is phase_controller.py, which needs torch only; this package adds numpy and
 matplotlib (`pip install ".[demo]"`).

@@ -1,15 +1,30 @@
 """The evidence: paired statistics over seeds, the multi-seed summary, and the success criteria."""
 
 import math
-import re
 from pathlib import Path
 
 import numpy as np
 
-from phase_controller import S2_AXIS_LOCK
+from phase_controller import S1_BOUNDARY, S2_AXIS_LOCK
 
-from .files import ARMS, BASELINE, METRICS, PHASE_AWARE, RUN_KEYS, UserError, run_identity
-from .records import read_results_file
+from .figures import plot_summary
+from .files import UserError, write_json
+from .records import (
+    ARMS,
+    BASELINE,
+    CONTROL,
+    METRICS,
+    PHASE_AWARE,
+    arm_problem,
+    delta_key,
+    paired_delta,
+    read_results_file,
+    results_path,
+    seeds_with_results,
+    summary_path,
+    transition_epoch,
+)
+from .settings import IDENTITY, identity
 
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
@@ -57,18 +72,9 @@ def paired_stats(deltas):
     }
 
 
-def arm_problem(arm):
-    """Why an arm is no evidence (diverged, or not run), or None when it finished healthy."""
-    if arm["status"] == "ok":
-        return None
-    if arm["status"] == "diverged":
-        return f"diverged at epoch {arm['diverged_epoch']}"
-    return f"not run: {arm['reason']}"
-
-
-def arm_statistics(results, arm, metric):
+def arm_statistics(results, name, metric):
     """Mean and std of one arm's metric over the seeds where that arm finished healthy."""
-    per_seed = {str(s): r[arm][metric] if r[arm]["status"] == "ok" else None for s, r in results.items()}
+    per_seed = {str(s): r[name][metric] if r[name]["status"] == "ok" else None for s, r in results.items()}
     present = [v for v in per_seed.values() if v is not None]
     return {
         "mean": float(np.mean(present)) if present else None,
@@ -93,43 +99,55 @@ def compare(results, other):
     return comparison
 
 
-def paired_delta(results, other, metric):
-    """phase_aware minus other on metric, or None unless both arms finished healthy."""
-    a, b = results[PHASE_AWARE], results[other]
-    return a[metric] - b[metric] if a["status"] == b["status"] == "ok" else None
+def seed_results(config, records):
+    """A seed's results file: its config, every arm's record, and the phase arm's deltas."""
+    results = {"config": config, **records}
+    for other in [name for name in records if name != PHASE_AWARE]:
+        for metric in METRICS:
+            results[delta_key(metric, other)] = paired_delta(results, other, metric)
+    return results
 
 
 def load_seed_results(folder, seeds=None):
     """{seed: results} from results_seed_N.json files, refusing any whose run settings disagree."""
     folder = Path(folder)
     if seeds is None:
-        found = (re.fullmatch(r"results_seed_(-?\d+)\.json", p.name) for p in folder.glob("results_seed_*.json"))
-        seeds = [int(m.group(1)) for m in found if m]
+        seeds = seeds_with_results(folder)
         if not seeds:
-            raise UserError(f"no results_seed_N.json files in {folder}")
+            raise UserError(f"no {results_path(folder, 'N').name} files in {folder}")
     results, reference = {}, None
     for seed in sorted(seeds):
-        path = folder / f"results_seed_{seed}.json"
+        path = results_path(folder, seed)
         results[seed] = read_results_file(path, seed)
-        identity = run_identity(results[seed]["config"])
+        settings = identity(results[seed]["config"])
         if reference is None:
-            reference = (path, identity)
-        elif identity != reference[1]:
+            reference = (path, settings)
+        elif settings != reference[1]:
             diff = ", ".join(
-                f"{k}={identity[k]!r} vs {reference[1][k]!r}" for k in RUN_KEYS if identity[k] != reference[1][k]
+                f"{k}={settings[k]!r} vs {reference[1][k]!r}" for k in IDENTITY if settings[k] != reference[1][k]
             )
             raise UserError(f"{path.name} and {reference[0].name} were run with different settings: {diff}")
     return results
+
+
+def write_summary(folder, seeds=None):
+    """multi_seed_summary.json and .png from the folder's results files, and the summary printed."""
+    results = load_seed_results(folder, seeds)
+    summary = build_summary(results)
+    plot_summary(results, summary, summary_path(folder, ".png"))
+    write_json(summary_path(folder, ".json"), summary)
+    print_summary(summary)
+    return summary
 
 
 def build_summary(results):
     seeds = sorted(results)
     results = {s: results[s] for s in seeds}
     arms = [a for a in ARMS if a in results[seeds[0]]]
-    summary = {"seeds": seeds, "config": run_identity(results[seeds[0]]["config"]), "arms": {}, "comparisons": {}}
-    for arm in arms:
-        summary["arms"][arm] = {metric: arm_statistics(results, arm, metric) for metric in METRICS}
-        summary["arms"][arm]["status"] = {str(s): results[s][arm]["status"] for s in seeds}
+    summary = {"seeds": seeds, "config": identity(results[seeds[0]]["config"]), "arms": {}, "comparisons": {}}
+    for name in arms:
+        summary["arms"][name] = {metric: arm_statistics(results, name, metric) for metric in METRICS}
+        summary["arms"][name]["status"] = {str(s): results[s][name]["status"] for s in seeds}
     for other in [name for name in arms if name != PHASE_AWARE]:
         summary["comparisons"][f"phase_aware_vs_{other}"] = compare(results, other)
     summary["transitions"] = {str(s): results[s][PHASE_AWARE].get("transition_epochs", {}) for s in seeds}
@@ -145,12 +163,12 @@ def build_summary(results):
 CRITERIA_METRIC = "final_acc"
 
 
-def s2_visible(phase_arm):
+def s2_visible(phase_record):
     """S2 was entered early enough that its multipliers were applied in at least one epoch
     (epoch e applies what the phase after epoch e-1 recommends)."""
-    phases = phase_arm["per_epoch"]["phase"]
+    phases = phase_record["per_epoch"]["phase"]
     applied = sum(phase == S2_AXIS_LOCK for phase in phases[:-1])
-    return {"met": applied > 0, "s2_entered_at": phase_arm.get("transition_epochs", {}).get("S2"),
+    return {"met": applied > 0, "s2_entered_at": transition_epoch(phase_record, S2_AXIS_LOCK),
             "epochs_at_s2_multipliers": applied}  # fmt: skip
 
 
@@ -160,7 +178,7 @@ def lr_departs_after_detection(results):
     both = zip(base, phase, strict=False)  # a diverged arm's log is shorter
     departed = [e for e, (a, b) in enumerate(both) if not math.isclose(a, b, rel_tol=1e-12)]
     first_departure = departed[0] if departed else None
-    detected = results[PHASE_AWARE].get("transition_epochs", {}).get("S1")
+    detected = transition_epoch(results[PHASE_AWARE], S1_BOUNDARY)
     met = first_departure is None or (detected is not None and first_departure > detected)
     return {"met": met, "first_departure_epoch": first_departure, "first_detection_epoch": detected}
 
@@ -222,12 +240,34 @@ def print_criteria(criteria, prefix=""):
         print(f"{prefix}criterion [{verdict:>7}] {name.replace('_', ' ')}: {criterion_detail(name, c)}")
 
 
+def print_seed_result(results):
+    seed = results["config"]["seed"]
+    for name in ARMS:
+        if name in results:
+            record = results[name]
+            status = "" if record["status"] == "ok" else f"  [{arm_problem(record)}]"
+            best, final = fmt_acc(record["best_acc"]), fmt_acc(record["final_acc"])
+            print(f"seed {seed} {name:<11} best {best}  final {final}{status}")
+    if CONTROL in results and results[CONTROL]["status"] == "ok":
+        print(
+            f"seed {seed} control lr_mult {results[CONTROL]['fixed_lr_mult']:.4f} (matched on the total update;"
+            f" the phase arm's plain mean multiplier is {results[PHASE_AWARE]['mean_lr_mult']:.4f})"
+        )
+    for other in (BASELINE, CONTROL):
+        if other in results:
+            best, final = (results[delta_key(metric, other)] for metric in METRICS)
+            print(f"seed {seed} delta (phase_aware - {other}): best {fmt_acc(best, '+')}  final {fmt_acc(final, '+')}")
+    for line in results[PHASE_AWARE].get("transitions", []):
+        print(f"seed {seed} transition {line}")
+    print_criteria(seed_criteria(results), prefix=f"seed {seed} ")
+
+
 def print_summary(summary):
     print(f"\nsummary over seeds {summary['seeds']}")
-    for arm, stats in summary["arms"].items():
+    for name, stats in summary["arms"].items():
         best, final = stats["best_acc"], stats["final_acc"]
         print(
-            f"  {arm:<11} best {fmt_acc(best['mean'])} +- {fmt_acc(best['std'])}"
+            f"  {name:<11} best {fmt_acc(best['mean'])} +- {fmt_acc(best['std'])}"
             f"  final {fmt_acc(final['mean'])} +- {fmt_acc(final['std'])}  ({best['seeds']} healthy seeds)"
         )
     for name, comparison in summary["comparisons"].items():

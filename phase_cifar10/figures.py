@@ -4,11 +4,12 @@ import itertools
 
 import numpy as np
 
-from phase_controller import S0_EXPLORE, S1_BOUNDARY, S2_AXIS_LOCK, S3_POLISH, loss_slope
+from phase_controller import S0_EXPLORE, S1_BOUNDARY, S2_AXIS_LOCK, S3_POLISH, dL_of
 
 from .data import data_label
-from .evidence import paired_delta
-from .files import ARMS, BASELINE, CONTROL, METRICS, PHASE_AWARE, run_identity, write_atomically
+from .files import write_atomically
+from .records import ARMS, BASELINE, CONTROL, METRICS, PHASE_AWARE, paired_delta
+from .settings import identity
 
 PHASE_COLORS = {S0_EXPLORE: "#dddddd", S1_BOUNDARY: "#ffd8a8", S2_AXIS_LOCK: "#a5d8ff", S3_POLISH: "#b2f2bb"}
 ARM_STYLES = {
@@ -31,8 +32,8 @@ def shade_phases(ax, phases):
     """Background colour by the phase the controller was in after each epoch: one band per run of
     epochs in the same phase, so a long log costs a few bands, not one per epoch."""
     start = 0
-    for phase, run in itertools.groupby(phases):
-        length = len(list(run))
+    for phase, span in itertools.groupby(phases):
+        length = len(list(span))
         ax.axvspan(start - 0.5, start + length - 0.5, color=PHASE_COLORS[phase], alpha=0.5, lw=0)
         start += length
 
@@ -59,7 +60,7 @@ def save_figure(fig, path):
 def plot_seed(results, path):
     """2x2: test accuracy, training loss, dL with the S1 threshold, LR (log); shaded by phase."""
     plt = pyplot()
-    cfg, phase_arm = run_identity(results["config"]) | results["config"], results[PHASE_AWARE]
+    cfg, phase_record = identity(results["config"]) | results["config"], results[PHASE_AWARE]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), sharex=True)
     panels = [
         ("eval_acc", "test accuracy (%)"),
@@ -68,8 +69,8 @@ def plot_seed(results, path):
         ("lr", "learning rate"),
     ]
     for ax, (key, title) in zip(axes.flat, panels, strict=True):
-        shade_phases(ax, phase_arm["per_epoch"]["phase"])
-        mark_transitions(ax, phase_arm.get("transition_epochs", {}))
+        shade_phases(ax, phase_record["per_epoch"]["phase"])
+        mark_transitions(ax, phase_record.get("transition_epochs", {}))
         for name in ARMS:
             if name not in results:
                 continue
@@ -78,7 +79,7 @@ def plot_seed(results, path):
                 log[key]
                 if key != "dL"
                 else [
-                    loss_slope(log["train_loss"][: i + 1], cfg["dl_window"], cfg["dl_mode"])
+                    dL_of(log["train_loss"][: i + 1], cfg["dl_window"], cfg["dl_mode"])
                     for i in range(len(log["train_loss"]))
                 ]
             )

@@ -1,5 +1,4 @@
-"""One-line errors; files read only when regular, written whole and never through a link; locks;
-and what identifies a run in its results file."""
+"""One-line errors; files read only when regular, written whole and never through a link; locks."""
 
 import errno
 import json
@@ -16,29 +15,9 @@ try:
 except ImportError:
     fcntl = None
 
-# The arms of a seed, as the results files name them, and the accuracies compared between them.
-ARMS = (BASELINE, PHASE_AWARE, CONTROL) = ("baseline", "phase_aware", "control")
-METRICS = ("best_acc", "final_acc")
-
-# The settings that define what a seed's run computes: runs that agree on these and the seed
-# compute the same numbers (on the same machine), so these are what --resume and --summarize compare.
-RUN_KEYS = (
-    "dataset", "subset", "val_size", "epochs", "warmup_epochs", "base_lr", "batch_size",
-    "width", "momentum", "weight_decay", "precision", "control", "s1_threshold",
-    "s2_threshold", "lr_pulse", "grad_accum", "s3_patience", "dl_window", "dl_mode",
-)  # fmt: skip
-SEED_RANGE = 2**32  # numpy's seeds: 0 .. 2**32 - 1
-# Settings added after results files were first published, and what the runs before them used.
-RUN_KEY_DEFAULTS = {"dl_mode": "absolute"}
-
 
 class UserError(Exception):
     """A problem the user can fix (arguments, data, files): reported in one line, exit 2."""
-
-
-def run_identity(config):
-    """The RUN_KEYS of a results file's config, with the defaults of settings it predates."""
-    return {k: config[k] if k in config else RUN_KEY_DEFAULTS[k] for k in RUN_KEYS}
 
 
 def check_output_dir(path):

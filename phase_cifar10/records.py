@@ -1,27 +1,21 @@
-"""The records a run leaves, results_seed_N.json and checkpoint_seed_N_ARM.pt, checked for shape
-before any use: a file edited, truncated or made by hand is refused in one line that names it,
-never half-used. Every reader (--resume, --summarize, --replay) goes through here."""
+"""The records a run leaves, results_seed_N.json and checkpoint_seed_N_ARM.pt: their names, the
+arms they hold, and their shape checked before any use. A file edited, truncated or made by hand is
+refused in one line that names it, never half-used. Every reader (--resume, --summarize,
+--replay) goes through here."""
 
 import pickle
+from pathlib import Path
 
 import torch
 
-from phase_controller import PHASES, PhaseController
+from phase_controller import PHASES
 
-from .files import (
-    BASELINE,
-    CONTROL,
-    PHASE_AWARE,
-    SEED_RANGE,
-    UserError,
-    is_finite_number,
-    one_line,
-    open_regular_file,
-    parse_json,
-    read_text,
-    run_identity,
-)
+from .files import UserError, is_finite_number, one_line, open_regular_file, parse_json, read_text
+from .settings import check_config
 
+# The arms of a seed, as the results files name them, and the accuracies compared between them.
+ARMS = (BASELINE, PHASE_AWARE, CONTROL) = ("baseline", "phase_aware", "control")
+METRICS = ("best_acc", "final_acc")
 STATUSES = ("ok", "diverged", "not_run")
 # What the readers of a results file use from each arm's per-epoch log, and the phase arm's phase
 # too (files from before a log was added still read); a checkpoint holds every log the arm keeps.
@@ -31,6 +25,72 @@ ARM_LOGS = ("train_loss", "train_acc", "eval_loss", "eval_acc", "lr", "steps", "
 PHASE_ARM_LOGS = (*ARM_LOGS, "phase", "dL", "lr_mult", "accumulation")
 WHOLE_LOGS = ("steps", "accumulation")  # counts; every other log but phase holds finite numbers
 CHECKPOINT_PARTS = ("config", "next_epoch", "arm", "model", "optimizer", "scheduler")
+
+
+def results_path(folder, seed="*"):
+    """A seed's results file; with the default seed, the pattern of every seed's."""
+    return Path(folder) / f"results_seed_{seed}.json"
+
+
+def checkpoint_path(folder, seed="*", name="*"):
+    """The checkpoint of arm `name`; with a default, the pattern of every seed's or arm's."""
+    return Path(folder) / f"checkpoint_seed_{seed}_{name}.pt"
+
+
+def figure_path(folder, seed):
+    return Path(folder) / f"figure_seed_{seed}.png"
+
+
+def summary_path(folder, suffix):
+    return Path(folder) / f"multi_seed_summary{suffix}"
+
+
+def seeds_with_results(folder):
+    """The seeds whose results file lies in folder."""
+    prefix = results_path(folder, "").stem
+    names = (path.stem.removeprefix(prefix) for path in Path(folder).glob(results_path(folder).name))
+    return sorted(int(name) for name in names if name.isdigit())
+
+
+def arms_of(config):
+    """The arms a run with this config trains: baseline and phase arm, and the control if asked for."""
+    return (BASELINE, PHASE_AWARE) + ((CONTROL,) if config["control"] == "lr-matched" else ())
+
+
+def delta_key(metric, other):
+    """Where a results file keeps the phase arm's metric minus the other arm's."""
+    return f"delta_{metric}" + ("" if other == BASELINE else f"_vs_{other}")
+
+
+def paired_delta(results, other, metric):
+    """phase_aware minus other on metric, or None unless both arms finished healthy."""
+    a, b = results[PHASE_AWARE], results[other]
+    return a[metric] - b[metric] if a["status"] == b["status"] == "ok" else None
+
+
+def held_out_loss(log):
+    """The loss the controller observes and selection uses: the validation split's with --val-size,
+    else the test split's. log is one epoch's row or a whole per-epoch log."""
+    return log["val_loss"] if "val_loss" in log else log["eval_loss"]
+
+
+def arm_problem(record):
+    """Why an arm is no evidence (diverged, or not run), or None when it finished healthy."""
+    if record["status"] == "ok":
+        return None
+    if record["status"] == "diverged":
+        return f"diverged at epoch {record['diverged_epoch']}"
+    return f"not run: {record['reason']}"
+
+
+def transition_key(phase):
+    """How transition_epochs names a phase the controller entered: S1_BOUNDARY as "S1"."""
+    return phase[:2]
+
+
+def transition_epoch(record, phase):
+    """The epoch after which an arm's controller entered phase, or None."""
+    return record.get("transition_epochs", {}).get(transition_key(phase))
 
 
 class BadRecord(ValueError):
@@ -66,48 +126,31 @@ def check_results(results):
     """BadRecord unless results has the shape a finished seed's results file has."""
     require(isinstance(results, dict) and isinstance(results.get("config"), dict), "no config")
     config = results["config"]
-    check_config(config)
-    arms = (BASELINE, PHASE_AWARE) + ((CONTROL,) if config["control"] == "lr-matched" else ())
+    check_settings(config)
+    arms = arms_of(config)
     for name in arms:
         require(isinstance(results.get(name), dict), f"no {name} arm")
-        check_arm(results[name], name, RESULTS_LOGS, config["epochs"])
+        check_record(results[name], name, RESULTS_LOGS, config["epochs"])
         check_accuracies(results[name], name)
     require(CONTROL in arms or CONTROL not in results, "a control arm, but config's control is 'none'")
 
 
-def check_config(config):
+def check_settings(config):
     """The settings that define the run, each of its type and within the range its flag allows."""
     try:
-        identity = run_identity(config)
-    except KeyError as e:
-        raise BadRecord(f"config lacks {e}") from None
-    numbers = {k: identity[k] for k in ("base_lr", "momentum", "weight_decay")}
-    rules = [
-        (identity["dataset"] in ("cifar10", "synthetic"), "dataset"),
-        (identity["control"] in ("none", "lr-matched"), "control"),
-        (identity["precision"] in ("fp32", "bf16-autocast"), "precision"),
-        (is_whole(config.get("seed"), 0) and config["seed"] < SEED_RANGE, "seed"),
-        (all(is_whole(identity[k], 0) for k in ("subset", "val_size", "warmup_epochs")), "subset/val_size/warmup"),
-        (all(is_whole(identity[k], 1) for k in ("epochs", "batch_size", "width")), "epochs/batch_size/width"),
-        (all(is_finite_number(v) for v in numbers.values()) and identity["base_lr"] > 0, "base_lr/momentum/decay"),
-    ]
-    for ok, keys in rules:
-        require(ok, f"config's {keys} out of range")
-    require(identity["warmup_epochs"] < identity["epochs"], "config's warmup_epochs is not below its epochs")
-    try:
-        PhaseController(**{k: identity[k] for k in PhaseController.SETTINGS})
-    except (TypeError, ValueError) as e:
-        raise BadRecord(f"config's controller settings: {e}") from None
+        check_config(config)
+    except ValueError as e:
+        raise BadRecord(str(e)) from None
 
 
-def check_arm(arm, name, logs, epochs, next_epoch=None):
+def check_record(record, name, logs, epochs, next_epoch=None):
     """An arm's record: its status and per-epoch logs agree with each other and with the epochs run.
 
     A results file's arm (next_epoch None) ran all epochs, or diverged before the end, or (the
     control) was not run; a checkpoint's arm has logged every epoch before next_epoch but one it
     diverged in.
     """
-    status, log = arm.get("status"), arm.get("per_epoch")
+    status, log = record.get("status"), record.get("per_epoch")
     require(status in STATUSES and (status != "not_run" or name == CONTROL), f"{name} status {status!r}")
     require(isinstance(log, dict), f"{name} has no per_epoch log")
     required = logs + (("phase",) if name == PHASE_AWARE else ())
@@ -122,17 +165,17 @@ def check_arm(arm, name, logs, epochs, next_epoch=None):
     if status == "ok":
         require(done == (epochs if next_epoch is None else next_epoch), f"{name} logs {done} epochs, not all of them")
     elif status == "diverged":
-        diverged = arm.get("diverged_epoch")
+        diverged = record.get("diverged_epoch")
         expected = done < epochs if next_epoch is None else done == next_epoch - 1
         require(diverged == done and expected, f"{name} diverged at epoch {diverged!r} after {done} logged epochs")
     else:
-        require(done == 0 and isinstance(arm.get("reason"), str), f"{name} was not run but logs {done} epochs")
-    lr_mult = arm.get("fixed_lr_mult")
+        require(done == 0 and isinstance(record.get("reason"), str), f"{name} was not run but logs {done} epochs")
+    lr_mult = record.get("fixed_lr_mult")
     if name != PHASE_AWARE:  # a constant multiplier (the control's unknown when not run)
         require(is_finite_number(lr_mult) and lr_mult > 0 or status == "not_run", f"{name} fixed_lr_mult {lr_mult!r}")
-    transitions = arm.get("transition_epochs", {})
+    transitions = record.get("transition_epochs", {})
     require(
-        isinstance(transitions, dict) and all(k in ("S1", "S2", "S3") and is_whole(e, 0) and e < done
+        isinstance(transitions, dict) and all(k in map(transition_key, PHASES[1:]) and is_whole(e, 0) and e < done
                                               for k, e in transitions.items()),
         f"{name} transition_epochs {transitions!r}",
     )  # fmt: skip
@@ -149,12 +192,14 @@ def check_log(name, key, values):
         require(all(is_finite_number(v) for v in values), f"{name} per_epoch {key} holds a value not a finite number")
 
 
-def check_accuracies(arm, name):
+def check_accuracies(record, name):
     """A finished arm's best and final accuracy, present exactly when it logged an epoch."""
-    done = len(arm["per_epoch"]["eval_acc"])
+    done = len(record["per_epoch"]["eval_acc"])
     for key in ("best_acc", "final_acc"):
-        require(is_finite_number(arm.get(key)) if done else arm.get(key) is None, f"{name} {key} {arm.get(key)!r}")
-    best = arm.get("best_epoch")
+        require(
+            is_finite_number(record.get(key)) if done else record.get(key) is None, f"{name} {key} {record.get(key)!r}"
+        )
+    best = record.get("best_epoch")
     require(is_whole(best, 0) and best < done if done else best is None, f"{name} best_epoch {best!r}")
 
 
@@ -175,21 +220,21 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def check_checkpoint(state, name):
-    """(next_epoch, arm) of the checkpoint of arm `name`, its parts agreeing with each other and
+    """(next_epoch, record) of the checkpoint of arm `name`, its parts agreeing with each other and
     with its config: the arm logged every epoch before next_epoch (but one it diverged in), the
     scheduler stepped as often, and the phase arm's controller saw the losses the log records."""
     missing = [part for part in CHECKPOINT_PARTS if not isinstance(state, dict) or part not in state]
     require(not missing, f"not a whole checkpoint: it lacks {missing}")
     require(isinstance(state["config"], dict), "no config")
-    check_config(state["config"])
+    check_settings(state["config"])
     epochs = state["config"]["epochs"]
-    next_epoch, arm, scheduler = state["next_epoch"], state["arm"], state["scheduler"]
+    next_epoch, record, scheduler = state["next_epoch"], state["arm"], state["scheduler"]
     require(is_whole(next_epoch, 1) and next_epoch <= epochs, f"next_epoch {next_epoch!r} not in 1..{epochs}")
-    require(isinstance(arm, dict), "no arm record")
-    check_arm(arm, name, PHASE_ARM_LOGS if name == PHASE_AWARE else ARM_LOGS, epochs, next_epoch)
+    require(isinstance(record, dict), "no arm record")
+    check_record(record, name, PHASE_ARM_LOGS if name == PHASE_AWARE else ARM_LOGS, epochs, next_epoch)
     steps = scheduler.get("last_epoch") if isinstance(scheduler, dict) else None
     require(steps == next_epoch, f"the scheduler stepped {steps!r} times in {next_epoch} epochs")
-    controller, log = scheduler.get("controller"), arm["per_epoch"]
+    controller, log = scheduler.get("controller"), record["per_epoch"]
     if name == PHASE_AWARE:
         seen = controller.get("losses") if isinstance(controller, dict) else None
         require(seen == log["train_loss"], "its controller did not see the training losses its log records")
@@ -197,4 +242,4 @@ def check_checkpoint(state, name):
         require(controller.get("phase") == last, "its controller's phase is not the last one logged")
     else:
         require(controller is None, f"a controller in the {name} arm")
-    return next_epoch, arm
+    return next_epoch, record

@@ -6,22 +6,10 @@ import math
 from pathlib import Path
 from typing import NamedTuple
 
-from phase_controller import PhaseController
-
 from .figures import plot_replay
-from .files import (
-    PHASE_AWARE,
-    RUN_KEY_DEFAULTS,
-    UserError,
-    check_output_dir,
-    is_finite_number,
-    make_folder,
-    parse_json,
-    read_text,
-    write_json,
-)
-from .records import check_results
-from .training import controller_from_config
+from .files import UserError, check_output_dir, is_finite_number, make_folder, parse_json, read_text, write_json
+from .records import PHASE_AWARE, check_results, held_out_loss
+from .settings import CONTROLLER_DEFAULTS, controller_of, flag, identity
 
 
 class LossLog(NamedTuple):
@@ -107,30 +95,29 @@ def read_json_losses(data):
     log = data[PHASE_AWARE]["per_epoch"]
     if not log["train_loss"]:
         raise ValueError("no losses in it")
-    eval_losses = log.get("val_loss", log["eval_loss"])  # what the controller saw
-    return LossLog(log["train_loss"], eval_losses, log["phase"], data["config"])
+    return LossLog(log["train_loss"], held_out_loss(log), log["phase"], data["config"])
 
 
 def shorten(text, limit=60):
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def replay(config):
+def replay(settings):
     """--replay: the controller over a logged loss curve, printed, compared and written out."""
-    check_output_dir(config["output_dir"])
-    source = config["replay"]
-    log, controller = read_loss_log(source), controller_from_config(config)
+    check_output_dir(settings.output_dir)
+    source = settings.replay
+    log, controller = read_loss_log(source), controller_of(settings.controller)
     at = next((e for e, loss in enumerate(log.train) if loss <= 0), None)
-    if config["dl_mode"] == "relative" and at is not None:
+    if controller.dl_mode == "relative" and at is not None:
         raise UserError(f"--replay {source}: --dl-mode relative needs positive losses; epoch {at} has {log.train[at]}")
     print(f"replaying {len(log.train)} epochs of {source}")
     rows = replay_rows(log, controller, source)
     if log.phases is not None:
-        print(compare_with_recorded(rows, log, config))
-    out, stem = Path(config["output_dir"]), Path(source).stem
+        print(compare_with_recorded(rows, log, settings))
+    out, stem = Path(settings.output_dir), Path(source).stem
     replay_result = {
         "source": str(source),
-        "controller": {key: config[key] for key in PhaseController.SETTINGS},
+        "controller": dict(settings.controller),
         "per_epoch": rows,
         "transitions": controller.transitions,
         "transition_epochs": controller.transition_epochs,
@@ -165,12 +152,12 @@ def replay_rows(log, controller, source):
     return rows
 
 
-def compare_with_recorded(rows, log, config):
+def compare_with_recorded(rows, log, settings):
     """Whether the replayed phases are the ones a results file recorded; if not, where and which flags differ."""
     mismatched = [e for e, (row, phase) in enumerate(zip(rows, log.phases, strict=True)) if row["phase"] != phase]
     if not mismatched:
         return "matches the phases recorded in the file"
-    recorded = {k: log.config.get(k, RUN_KEY_DEFAULTS.get(k)) for k in PhaseController.SETTINGS}
-    used = [f"--{k.replace('_', '-')} {v}" for k, v in recorded.items() if v != config[k]]
+    recorded = identity(log.config)
+    used = [f"{flag(k)} {recorded[k]}" for k in CONTROLLER_DEFAULTS if recorded[k] != settings.controller[k]]
     hint = f"; the run used {' '.join(used)}" if used else ""
     return f"differs from the recorded phases at epochs {mismatched}{hint}"

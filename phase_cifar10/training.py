@@ -1,11 +1,9 @@
-"""One training loop for every arm: an arm's epochs, its checkpoints, and the LR-matched control."""
+"""One training loop for every arm: a seed's arms, an arm's epochs, and the LR-matched control."""
 
 import math
-import os
 import random
-import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,62 +11,211 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from phase_controller import PhaseController, PhaseScheduler
+from phase_controller import PhaseScheduler
 
-from .files import CONTROL, UserError, one_line, write_atomically
+from .files import UserError, one_line, write_atomically
 from .loader import DeviceSplit
 from .model import EVAL_BATCH_SIZE, EVAL_BATCH_SIZE_CPU, MOMENTUM, WEIGHT_DECAY, base_lr_at, build_model
-from .records import ARM_LOGS, PHASE_ARM_LOGS, BadRecord, check_checkpoint, load_checkpoint
+from .progress import Progress, show_batches
+from .records import (
+    ARM_LOGS,
+    BASELINE,
+    CONTROL,
+    PHASE_ARM_LOGS,
+    PHASE_AWARE,
+    BadRecord,
+    arms_of,
+    check_checkpoint,
+    checkpoint_path,
+    held_out_loss,
+    load_checkpoint,
+)
+from .settings import controller_of
 
 
-def native_bf16(device):
-    """Whether the hardware computes bf16 natively; emulated bf16 is slower than fp32."""
-    if device.type == "cuda":
+@dataclass
+class SeedJob:
+    """What every arm of one seed shares: its config, its splits on the device, where it checkpoints."""
+
+    seed: int
+    config: dict  # the results file's config: the run's settings and what was resolved for this seed
+    device: torch.device
+    train: DeviceSplit
+    test: DeviceSplit
+    val: DeviceSplit | None  # with --val-size: drives the controller and best-epoch selection
+    autocast: Callable  # a new bf16 autocast context, or one that changes nothing
+    folder: Path  # where the checkpoints go
+    resume: bool  # continue each arm from its checkpoint, where there is one
+    progress: Progress
+
+
+def train_seed(job):
+    """Every arm of one seed, one after another: {arm name: its record}."""
+    seed_everything(job.seed)
+    records = {BASELINE: train_arm(job, Arm(job, BASELINE))}
+    records[PHASE_AWARE] = train_arm(job, Arm(job, PHASE_AWARE, controller=controller_of(job.config)))
+    records[PHASE_AWARE]["mean_lr_mult"] = float(np.mean(records[PHASE_AWARE]["per_epoch"]["lr_mult"] or [1.0]))
+    if CONTROL in arms_of(job.config):
+        records[CONTROL] = train_control(job, records[PHASE_AWARE])
+    return records
+
+
+def train_arm(job, arm):
+    """Train an arm from its next epoch to its last, checkpointed after each; returns its record."""
+    for epoch in range(arm.next_epoch, job.config["epochs"]):
+        # 1. Train at what is in force: the base LR times lr_mult, accumulation micro-batches per step.
+        row, start = arm.in_force(), time.perf_counter()
+        batches = job_batches(job, epoch, label=arm.label(epoch))
+        row["train_loss"], row["train_acc"], row["steps"] = train_epoch(
+            arm.model, arm.optimizer, batches, arm.scheduler.accumulation, job.autocast()
+        )
+        row["train_seconds"] = time.perf_counter() - start
+        # 2. Evaluate on the test split (and the validation split), unless training diverged.
+        if math.isfinite(row["train_loss"]):
+            row |= evaluate_splits(arm.model, job)
+        row["eval_seconds"] = time.perf_counter() - start - row["train_seconds"]
+        # 3. Observe the held-out loss (a non-finite loss stops the arm): it sets the next epoch's LR.
+        diverged = arm.diverged(epoch, row)
+        if not diverged:
+            arm.scheduler.observe(row["train_loss"], held_out_loss(row))
+            arm.log(epoch, row)
+        # 4. Step the base schedule to the next epoch's LR, then 5. checkpoint the whole state for --resume.
+        arm.scheduler.step()
+        arm.save(epoch + 1)
+        if diverged:
+            break
+    return arm.finish()
+
+
+class Arm:
+    """One arm of a seed: its model, optimizer and PhaseScheduler, and its record (the per-epoch
+    log and outcome its results file holds), saved and restored whole. Every arm of a seed starts
+    from the same weights and sees the same batches; the controller, or a constant multiplier
+    without one, is all that differs."""
+
+    def __init__(self, job, name, controller=None, fixed_lr_mult=1.0):
+        self.job, self.name, self.controller = job, name, controller
+        self.path = checkpoint_path(job.folder, job.seed, name)
+        config = job.config
+        self.model = build_model(config["width"], job.seed, job.device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1.0, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+        # The optimizer's LR is 1.0, so LambdaLR's factor is the LR itself: exactly base_lr_at.
+        base = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda epoch: base_lr_at(epoch, config["base_lr"], config["warmup_epochs"], config["epochs"]),
+        )
+        # Each process trains whole seeds, never a shard of one: the controller sees this arm's losses alone.
+        self.scheduler = PhaseScheduler(self.optimizer, controller, base, fixed_lr_mult, sync_ranks=False)
+        self.record, self.next_epoch = new_record(controller, fixed_lr_mult), 0
+        if job.resume and self.path.exists():
+            self.restore()
+
+    def label(self, epoch):
+        return f"seed {self.job.seed} {self.name:<11} epoch {epoch + 1:>3}/{self.job.config['epochs']}"
+
+    def in_force(self):
+        """The LR, and the phase arm's multiplier and accumulation, that the next epoch trains at."""
+        row = {"lr": self.scheduler.get_last_lr()[0]}
+        if self.controller is not None:
+            row |= {"lr_mult": self.scheduler.lr_mult, "accumulation": self.scheduler.accumulation}
+        return row
+
+    def diverged(self, epoch, row):
+        """Whether a loss of the epoch is not finite; if so the record says so and the arm stops. Counts
+        the epoch's seconds either way."""
+        self.record["time_seconds"] += row["train_seconds"] + row["eval_seconds"]
+        bad = [f"{k} {row[k]}" for k in ("train_loss", "eval_loss", "val_loss") if not math.isfinite(row.get(k, 0))]
+        if bad:
+            reason = ", ".join(bad)
+            self.record.update(status="diverged", diverged_epoch=epoch, diverged_reason=reason)
+            print(f"seed {self.job.seed} {self.name}: DIVERGED at epoch {epoch} ({reason}); arm stopped")
+            self.job.progress.skip(self.job.config["epochs"] - epoch)
+        return bool(bad)
+
+    def log(self, epoch, row):
+        """The epoch's row into the record, with the phase and dL after observing it; a progress line."""
+        if self.controller is not None:
+            row |= {"phase": self.controller.phase, "dL": self.controller.dL}
+        for key, value in row.items():
+            self.record["per_epoch"].setdefault(key, []).append(value)
+        self.job.progress.epoch_done(row["train_seconds"] + row["eval_seconds"])
+        log_epoch(self, epoch, row)
+
+    def save(self, next_epoch):
+        state = {
+            "config": self.job.config,
+            "next_epoch": next_epoch,
+            "arm": self.record,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),  # base schedule, controller and multiplier
+        }
+        write_atomically(self.path, lambda f: torch.save(state, f))
+
+    def restore(self):
+        """The whole state of the arm's checkpoint, checked against the arm as built."""
+        settings, fixed = optimizer_settings(self.optimizer), self.scheduler.fixed.lr_mult
         try:
-            return torch.cuda.is_bf16_supported(including_emulation=False)
-        except TypeError:  # a torch without the argument: it reports native support only
-            return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-        return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
-    return False
+            state = load_checkpoint(self.path, self.job.device)
+            next_epoch, record = check_checkpoint(state, self.name)
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            check_optimizer(self.optimizer, settings)
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.controller is None and not (self.scheduler.lr_mult == record["fixed_lr_mult"] == fixed):
+                raise BadRecord(f"its multiplier is not the arm's {fixed}")
+        except Exception as e:
+            raise UserError(
+                f"--resume: cannot restore {self.path} ({one_line(e)}); delete it to start afresh"
+            ) from None
+        self.record, self.next_epoch = record, next_epoch
+        self.job.progress.skip(next_epoch)
+        print(f"seed {self.job.seed} {self.name}: resumed after epoch {next_epoch - 1}")
+        if record["status"] != "ok":  # it diverged before an interruption: nothing left to train
+            self.job.progress.skip(self.job.config["epochs"] - next_epoch)
+            self.next_epoch = self.job.config["epochs"]
+
+    def finish(self):
+        """The record with best and final test accuracy, and the phase arm's transitions. Best is the
+        test accuracy at the epoch of the best selection accuracy: the test split's own by default,
+        the validation split's with --val-size."""
+        record = self.record
+        if self.controller is not None:
+            record["transitions"] = list(self.controller.transitions)
+            record["transition_epochs"] = dict(self.controller.transition_epochs)
+        return with_accuracies(record, selected_by="val_acc" if self.job.val is not None else "eval_acc")
 
 
-def choose_precision(bf16, device):
-    """What --bf16 auto|on|off means on this device: bf16 autocast, or fp32."""
-    if bf16 == "on" and device.type == "mps":
-        raise UserError("--bf16 on is not supported on MPS here")
-    return "bf16-autocast" if bf16 == "on" or (bf16 == "auto" and native_bf16(device)) else "fp32"
+def new_record(controller, fixed_lr_mult):
+    """An arm's record before its first epoch."""
+    record = {"status": "ok", "time_seconds": 0.0} | ({} if controller else {"fixed_lr_mult": fixed_lr_mult})
+    record["per_epoch"] = {key: [] for key in (PHASE_ARM_LOGS if controller else ARM_LOGS)}
+    return record
 
 
-def autocast_for(device, precision):
-    if precision == "bf16-autocast":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext()
+def with_accuracies(record, selected_by):
+    """record with its best and final test accuracy: best at the epoch of the best selected_by."""
+    log = record["per_epoch"]
+    if log["eval_acc"]:
+        best = int(np.argmax(log[selected_by]))  # the earliest epoch among ties
+        record.update(best_acc=log["eval_acc"][best], best_epoch=best, final_acc=log["eval_acc"][-1])
+    else:
+        record.update(best_acc=None, best_epoch=None, final_acc=None)
+    record["selected_by"] = "validation" if selected_by == "val_acc" else "test"
+    return record
+
+
+def job_batches(job, epoch, label):
+    """The epoch's training batches, shown on a terminal as they are consumed."""
+    batch_size = job.config["batch_size"]
+    batches = job.train.train_batches(batch_size, job.seed, epoch)
+    return show_batches(batches, math.ceil(len(job.train) / batch_size), label)
 
 
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # seeds every CUDA device too
-
-
-def set_up_backends():
-    """Deterministic kernels, and fp32 that is IEEE fp32 on every device.
-
-    cuDNN convolutions use TF32 by default, so without this `--bf16 off` on a GPU would train in
-    TF32 while recording fp32. The allow_tf32 flags exist in every torch from 2.4 on; torch 2.9's
-    fp32_precision API is not touched, since mixing the two makes reading allow_tf32 raise.
-    """
-    # cuBLAS is deterministic only with this workspace setting, set before CUDA starts (lazily, at
-    # the first CUDA tensor). Set by the command line, not on import: a library leaves its user's
-    # environment alone.
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def train_epoch(model, optimizer, batches, accumulation, autocast):
@@ -110,6 +257,14 @@ def step_on_window_mean(optimizer, params, samples):
     optimizer.zero_grad(set_to_none=True)
 
 
+def evaluate_splits(model, job):
+    """Loss and accuracy on the test split, and on the validation split where there is one."""
+    row = dict(zip(("eval_loss", "eval_acc"), evaluate(model, job.test, job.autocast()), strict=True))
+    if job.val is not None:
+        row |= dict(zip(("val_loss", "val_acc"), evaluate(model, job.val, job.autocast()), strict=True))
+    return row
+
+
 @torch.no_grad()
 def evaluate(model, split, autocast):
     """(mean per-sample loss, accuracy %) over a whole split."""
@@ -124,140 +279,10 @@ def evaluate(model, split, autocast):
     return float(loss_sum) / len(split), 100.0 * float(correct) / len(split)
 
 
-class Progress:
-    """Epochs done and an ETA over all the epochs this process still has to train."""
-
-    def __init__(self, total_epochs):
-        self.total, self.done, self.seconds = total_epochs, 0, 0.0
-
-    def skip(self, epochs):  # epochs restored from a checkpoint, or never run (divergence)
-        self.total -= epochs
-
-    def epoch_done(self, seconds):
-        self.done += 1
-        self.seconds += seconds
-
-    def eta(self):
-        left = max(self.total - self.done, 0) * self.seconds / max(self.done, 1)
-        return f"{int(left // 60)}m{int(left % 60):02d}s"
-
-
-@dataclass
-class SeedRun:
-    """Everything one seed's arms share."""
-
-    seed: int
-    config: dict  # the results file's config
-    device: torch.device
-    train: DeviceSplit
-    test: DeviceSplit
-    val: DeviceSplit | None  # with --val-size: drives the controller and best-epoch selection
-    output_dir: Path
-    resume: bool
-    progress: Progress
-
-    def checkpoint_path(self, arm):
-        return self.output_dir / f"checkpoint_seed_{self.seed}_{arm}.pt"
-
-    @property
-    def autocast(self):
-        return autocast_for(self.device, self.config["precision"])
-
-
-def controller_from_config(config):
-    """The phase arm's controller, from the run's settings (which use its keywords' names)."""
-    return PhaseController(**{key: config[key] for key in PhaseController.SETTINGS})
-
-
-def run_arm(run, name, controller=None, fixed_lr_mult=1.0):
-    """Train one arm of a seed; the controller (or a constant multiplier) is all that differs between arms.
-
-    After every epoch the whole state is checkpointed atomically, so --resume continues from the
-    last completed epoch exactly as if never interrupted. A non-finite loss stops the arm.
-    """
-    cfg = run.config
-    model, optimizer, scheduler = build_arm(run, controller, fixed_lr_mult)
-    restored = restore_arm(run, name, model, optimizer, scheduler, fixed_lr_mult)
-    arm, start = restored or (new_arm(controller, fixed_lr_mult), 0)
-    if arm["status"] != "ok":  # it diverged before an interruption: nothing left to train
-        run.progress.skip(cfg["epochs"] - start)
-        start = cfg["epochs"]
-    for epoch in range(start, cfg["epochs"]):
-        # 1. Train at what is in force: the base LR times lr_mult, accumulation micro-batches per step.
-        lr, lr_mult, accumulation = scheduler.get_last_lr()[0], scheduler.lr_mult, scheduler.accumulation
-        label = f"seed {run.seed} {name:<11} epoch {epoch + 1:>3}/{cfg['epochs']}"
-        batches = run.train.train_batches(cfg["batch_size"], run.seed, epoch)
-        batches = show_batches(batches, math.ceil(len(run.train) / cfg["batch_size"]), label)
-        t0 = time.perf_counter()
-        train_loss, train_acc, steps = train_epoch(model, optimizer, batches, accumulation, run.autocast)
-        t1 = time.perf_counter()
-        row = {"train_loss": train_loss, "train_acc": train_acc, "steps": steps}
-        # 2. Evaluate on the test split (and the validation split), unless training diverged.
-        if math.isfinite(row["train_loss"]):
-            row["eval_loss"], row["eval_acc"] = evaluate(model, run.test, run.autocast)
-            if run.val is not None:
-                row["val_loss"], row["val_acc"] = evaluate(model, run.val, run.autocast)
-        row.update(train_seconds=t1 - t0, eval_seconds=time.perf_counter() - t1)
-        seconds = row["train_seconds"] + row["eval_seconds"]
-        arm["time_seconds"] += seconds
-        diverged = [
-            f"{k} {row[k]}" for k in ("train_loss", "eval_loss", "val_loss") if not math.isfinite(row.get(k, 0))
-        ]
-        if diverged:
-            mark_diverged(run, name, arm, epoch, ", ".join(diverged))
-        else:
-            # 3. Observe the epoch's losses: the recommendation applies from the next epoch on. Arms
-            # without a controller observe too; theirs is the fixed one.
-            scheduler.observe(row["train_loss"], row.get("val_loss", row["eval_loss"]))
-            row["lr"] = lr
-            if controller is not None:  # what was applied in the epoch; phase and dL after observing it
-                row.update(lr_mult=lr_mult, accumulation=accumulation, phase=controller.phase, dL=controller.dL)
-            for key, value in row.items():
-                arm["per_epoch"].setdefault(key, []).append(value)
-            run.progress.epoch_done(seconds)
-            log_epoch(run, name, epoch, row)
-        # 4. Step the base schedule to the next epoch's LR, then 5. checkpoint the whole state.
-        scheduler.step()
-        save_checkpoint(run, name, model, optimizer, scheduler, arm, epoch + 1)
-        if arm["status"] != "ok":
-            break
-    return finish_arm(arm, controller, selected_by="val_acc" if run.val is not None else "eval_acc")
-
-
-def build_arm(run, controller, fixed_lr_mult):
-    """Model, optimizer and PhaseScheduler of an arm: the same initial weights for every arm of a seed."""
-    cfg = run.config
-    model = build_model(cfg["width"], run.seed, run.device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    # The optimizer's LR is 1.0, so LambdaLR's factor is the LR itself: exactly base_lr_at.
-    base = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda epoch: base_lr_at(epoch, cfg["base_lr"], cfg["warmup_epochs"], cfg["epochs"])
-    )
-    # Under torchrun each rank trains seeds of its own, not a shard of one seed's batches: its
-    # controller must see its own losses, never the mean over ranks.
-    scheduler = PhaseScheduler(optimizer, controller, base=base, fixed_lr_mult=fixed_lr_mult, sync_ranks=False)
-    return model, optimizer, scheduler
-
-
-def new_arm(controller, fixed_lr_mult):
-    arm = {"status": "ok", "time_seconds": 0.0}
-    if controller is None:
-        arm["fixed_lr_mult"] = fixed_lr_mult
-    arm["per_epoch"] = {key: [] for key in (ARM_LOGS if controller is None else PHASE_ARM_LOGS)}
-    return arm
-
-
-def mark_diverged(run, name, arm, epoch, reason):
-    """A non-finite loss: the arm is recorded as diverged at this epoch and trains no further."""
-    arm.update(status="diverged", diverged_epoch=epoch, diverged_reason=reason)
-    print(f"seed {run.seed} {name}: DIVERGED at epoch {epoch} ({reason}); arm stopped")
-    run.progress.skip(run.config["epochs"] - epoch)
-
-
-def log_epoch(run, name, epoch, row):
+def log_epoch(arm, epoch, row):
+    """The epoch's progress line."""
     line = (
-        f"seed {run.seed} {name:<11} epoch {epoch + 1:>3}/{run.config['epochs']}"
-        f"  train {row['train_loss']:.4f}  eval {row['eval_loss']:.4f}  acc {row['eval_acc']:6.2f}%"
+        f"{arm.label(epoch)}  train {row['train_loss']:.4f}  eval {row['eval_loss']:.4f}  acc {row['eval_acc']:6.2f}%"
     )
     if "val_acc" in row:
         line += f"  val {row['val_loss']:.4f} {row['val_acc']:6.2f}%"
@@ -265,63 +290,7 @@ def log_epoch(run, name, epoch, row):
     if "phase" in row:
         line += f"  {row['phase']} accum {row['accumulation']}"
     seconds = row["train_seconds"] + row["eval_seconds"]
-    print(f"{line}  {seconds:.1f}s  ETA {run.progress.eta()}")
-
-
-def show_batches(batches, total, label, stream=None):
-    """The batches, unchanged. On a terminal one self-updating line shows batches done, images/s
-    and the epoch's ETA while they are consumed; in a pipe or a log file nothing is added."""
-    stream = stream or sys.stdout
-    if not stream.isatty():
-        yield from batches
-        return
-    start = last = time.perf_counter()
-    images = 0
-    for done, (x, y) in enumerate(batches, 1):
-        yield x, y  # resumes once the batch is queued for training
-        images += len(y)
-        now = time.perf_counter()
-        if now - last >= 0.5 or done == total:
-            # An accelerator runs behind the host: wait until the batches counted are trained, so that
-            # images/s is what was computed, not what was queued. Only when a line is drawn.
-            if synchronize(y.device):
-                now = time.perf_counter()
-            eta = (total - done) * (now - start) / done
-            stream.write(f"\r{label}  batch {done}/{total}  {images / (now - start):.0f} img/s  ETA {eta:.0f}s\033[K")
-            stream.flush()
-            last = now
-    stream.write("\r\033[K")  # the epoch's own line takes its place
-
-
-def synchronize(device):
-    """Wait for the device's queued work; whether there was a queue to wait for."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-    return device.type in ("cuda", "mps")
-
-
-def restore_arm(run, name, model, optimizer, scheduler, fixed_lr_mult):
-    """(arm record, next epoch) from the arm's checkpoint when resuming; None when starting afresh."""
-    path = run.checkpoint_path(name)
-    if not (run.resume and path.exists()):
-        return None
-    settings = optimizer_settings(optimizer)
-    try:
-        state = load_checkpoint(path, run.device)
-        next_epoch, arm = check_checkpoint(state, name)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        check_optimizer(optimizer, settings)
-        scheduler.load_state_dict(state["scheduler"])
-        if scheduler.controller is None and not (scheduler.lr_mult == arm["fixed_lr_mult"] == fixed_lr_mult):
-            raise BadRecord(f"its multiplier is not the arm's {fixed_lr_mult}")
-    except Exception as e:
-        raise UserError(f"--resume: cannot restore {path} ({one_line(e)}); delete it to start afresh") from None
-    run.progress.skip(next_epoch)
-    print(f"seed {run.seed} {name}: resumed after epoch {next_epoch - 1}")
-    return arm, next_epoch
+    print(f"{line}  {seconds:.1f}s  ETA {arm.job.progress.eta()}")
 
 
 def optimizer_settings(optimizer):
@@ -342,36 +311,7 @@ def check_optimizer(optimizer, settings):
                 raise BadRecord(f"a momentum buffer of shape {tuple(buffer.shape)} for weights {tuple(p.shape)}")
 
 
-def save_checkpoint(run, name, model, optimizer, scheduler, arm, next_epoch):
-    state = {
-        "config": run.config,
-        "next_epoch": next_epoch,
-        "arm": arm,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),  # base schedule, controller and multiplier
-    }
-    write_atomically(run.checkpoint_path(name), lambda f: torch.save(state, f))
-
-
-def finish_arm(arm, controller, selected_by):
-    """Best and final test accuracy, and the phase arm's transitions. Best is the test accuracy at
-    the epoch with the best selection metric: the test accuracy itself by default, validation
-    accuracy with --val-size."""
-    if controller is not None:
-        arm["transitions"] = list(controller.transitions)
-        arm["transition_epochs"] = dict(controller.transition_epochs)
-    log = arm["per_epoch"]
-    if log["eval_acc"]:
-        best = int(np.argmax(log[selected_by]))  # the earliest epoch among ties
-        arm.update(best_acc=log["eval_acc"][best], best_epoch=best, final_acc=log["eval_acc"][-1])
-    else:
-        arm.update(best_acc=None, best_epoch=None, final_acc=None)
-    arm["selected_by"] = "validation" if selected_by == "val_acc" else "test"
-    return arm
-
-
-def matched_lr_mult(phase_arm, config):
+def matched_lr_mult(phase_record, config):
     """The control's constant c, matched on the total first-order update (LR x optimizer steps).
 
     Over the epochs the phase arm completed, with base LR b_e, applied multiplier m_e and s_e
@@ -381,20 +321,22 @@ def matched_lr_mult(phase_arm, config):
     so the control moves its weights as far in total as the phase arm did. The plain mean of m_e
     ignores that epochs carry very different base LRs and step counts.
     """
-    log = phase_arm["per_epoch"]
+    log = phase_record["per_epoch"]
     batches = math.ceil(config["train_size"] / config["batch_size"])
     base = [base_lr_at(e, config["base_lr"], config["warmup_epochs"], config["epochs"]) for e in range(len(log["lr"]))]
     update = sum(m * b * (s / batches) for m, b, s in zip(log["lr_mult"], base, log["steps"], strict=True))
     return update / sum(base)
 
 
-def run_control(run, phase_arm):
+def train_control(job, phase_record):
     """The LR-matched control arm: the base schedule times one constant, accumulation 1.
     Not run when the phase arm diverged: its schedule, and so the constant, is incomplete."""
-    if phase_arm["status"] != "ok":
-        arm = new_arm(None, None)
-        arm.update(status="not_run", reason=f"phase_aware {phase_arm['status']} at epoch {phase_arm['diverged_epoch']}")
-        print(f"seed {run.seed} control: not run ({arm['reason']}; the matched constant needs its whole schedule)")
-        run.progress.skip(run.config["epochs"])
-        return finish_arm(arm, None, selected_by="eval_acc")
-    return run_arm(run, CONTROL, fixed_lr_mult=matched_lr_mult(phase_arm, run.config))
+    if phase_record["status"] == "ok":
+        return train_arm(job, Arm(job, CONTROL, fixed_lr_mult=matched_lr_mult(phase_record, job.config)))
+    record = new_record(None, None)
+    record.update(
+        status="not_run", reason=f"phase_aware {phase_record['status']} at epoch {phase_record['diverged_epoch']}"
+    )
+    print(f"seed {job.seed} control: not run ({record['reason']}; the matched constant needs its whole schedule)")
+    job.progress.skip(job.config["epochs"])
+    return with_accuracies(record, selected_by="eval_acc")

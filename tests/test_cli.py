@@ -1,5 +1,7 @@
 """Command line: argument errors stop before anything is written, data errors are one line."""
 
+import ast
+import json
 import os
 import re
 import subprocess
@@ -9,36 +11,37 @@ import pytest
 import torch
 from helpers import ROOT, TINY, cli, read_json, run_main, write_cifar_folder
 
-from phase_cifar10 import command_line, data, runs
+from phase_cifar10 import data, launch, settings
 
 BAD_ARGUMENTS = [
-    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--epochs", "0"], "--epochs must be an integer in 1..1,000,000, got 0"),
     (["--epochs", "abc"], "invalid int value"),
-    (["--warmup-epochs", "-1"], "--warmup-epochs must be >= 0"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs must be an integer >= 0, got -1"),
     (["--warmup-epochs", "30"], "< --epochs (30)"),
     (["--epochs", "3", "--warmup-epochs", "3"], "< --epochs (3)"),
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--width", "0"], "--width must be >= 1"),
-    (["--subset", "-1"], "--subset must be >= 0"),
-    (["--val-size", "-5"], "--val-size must be >= 0"),
-    (["--base-lr", "0"], "--base-lr must be > 0"),
-    (["--base-lr", "-0.1"], "--base-lr must be > 0"),
-    (["--base-lr", "nan"], "--base-lr must be > 0"),
-    (["--multi-seed", "--seeds", "1,x"], "--seeds must be comma-separated integers"),
-    (["--multi-seed", "--seeds", "1,2,1"], "--seeds has duplicates"),
+    (["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
+    (["--width", "0"], "--width must be an integer >= 1, got 0"),
+    (["--subset", "-1"], "--subset must be an integer >= 0, got -1"),
+    (["--val-size", "-5"], "--val-size must be an integer >= 0, got -5"),
+    (["--base-lr", "0"], "--base-lr must be a finite number > 0, got 0.0"),
+    (["--base-lr", "-0.1"], "--base-lr must be a finite number > 0, got -0.1"),
+    (["--base-lr", "nan"], "--base-lr must be a finite number > 0, got nan"),
+    (["--multi-seed", "--seeds", "1,x"], "--seeds must be comma-separated distinct integers in 0..2**32-1, got '1,x'"),
+    (["--multi-seed", "--seeds", "1,2,1"], "--seeds must be comma-separated distinct integers in 0..2**32-1"),
     (["--s2-threshold", "-0.001"], "--s2-threshold must be >= 0"),
     (["--lr-pulse", "0"], "--lr-pulse must be > 0"),
     (["--s1-threshold", "inf"], "--s1-threshold must be finite"),
     (["--grad-accum", "0"], "--grad-accum must be an integer >= 1"),
     (["--s3-patience", "0"], "--s3-patience must be an integer >= 1"),
     (["--dl-window", "0"], "--dl-window must be an integer >= 1"),
+    (["--dl-mode", "weird"], "--dl-mode must be 'absolute' or 'relative', got 'weird'"),
     (["--device", "tpu"], "invalid choice"),
     (["--no-such-flag"], "unrecognized arguments"),
     (["--lr", "0.1"], "unrecognized arguments: --lr 0.1"),  # not --lr-pulse: no abbreviations
     (["--epoch", "3"], "unrecognized arguments: --epoch 3"),
     (["--seed", "1", "--seeds", "1,2"], "--seed runs one seed, --multi-seed/--seeds several"),
     (["--seed", "1", "--multi-seed"], "--seed runs one seed, --multi-seed/--seeds several"),
-    (["--epochs", "2", "--warmup-epochs", "2"], "pass --warmup-epochs 1 or less"),
+    (["--epochs", "2", "--warmup-epochs", "2"], "--warmup-epochs must be < --epochs (2), got 2"),
     (["--summarize", "x", "--replay", "y"], "not allowed with argument"),
 ]
 
@@ -56,28 +59,25 @@ def test_bad_argument_stops_with_one_line_and_exit_2(tmp_path, argv, message):
 def test_bad_argument_in_a_real_process_has_no_traceback(tmp_path):
     result = cli("--epochs", "0", "--output-dir", tmp_path / "out")
     assert result.returncode == 2
-    assert result.stderr == "phase_controller.py: error: --epochs must be >= 1, got 0\n"
+    assert result.stderr == "phase_controller.py: error: --epochs must be an integer in 1..1,000,000, got 0\n"
     assert not (tmp_path / "out").exists()
 
 
 def test_zero_warmup_is_allowed():
-    config = command_line.parse_command_line(["--warmup-epochs", "0", "--epochs", "1"])
-    assert runs.seeds_to_run(config) == [42]
+    parsed = settings.Settings.from_command_line(["--warmup-epochs", "0", "--epochs", "1"])
+    assert parsed.warmup_epochs == 0 and parsed.seeds_to_run() == [42]
 
 
 def test_seeds_imply_multi_seed():
-    config = command_line.parse_command_line(["--seeds", "1,2"])
-    assert config["multi_seed"] and runs.seeds_to_run(config) == [1, 2]
-    assert runs.seeds_to_run(command_line.parse_command_line(["--multi-seed"])) == [42, 137, 2024]
-    assert (
-        runs.seeds_to_run(command_line.parse_command_line(["--seed", "7"])) == [7]
-        and not command_line.parse_command_line(["--seed", "7"])["multi_seed"]
-    )
+    parse = settings.Settings.from_command_line
+    assert parse(["--seeds", "1,2"]).multi_seed and parse(["--seeds", "1,2"]).seeds_to_run() == [1, 2]
+    assert parse(["--multi-seed"]).seeds_to_run() == [42, 137, 2024]
+    assert parse(["--seed", "7"]).seeds_to_run() == [7] and not parse(["--seed", "7"]).multi_seed
 
 
 @pytest.mark.parametrize("epochs, warmup", [(1, 0), (2, 1), (3, 2), (30, 2)])
 def test_warmup_defaults_to_two_but_leaves_an_epoch_after_it(epochs, warmup):
-    assert command_line.parse_command_line(["--epochs", str(epochs)])["warmup_epochs"] == warmup
+    assert settings.Settings.from_command_line(["--epochs", str(epochs)]).warmup_epochs == warmup
 
 
 def test_one_epoch_smoke_run(tmp_path):
@@ -125,14 +125,14 @@ def test_a_cuda_rank_makes_its_gpu_the_current_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", current.append)
-    assert runs.pick_device("cuda", local_rank=1, local_world=2) == torch.device("cuda", 1) and current == [1]
+    assert launch.pick_device("cuda", local_rank=1, local_world=2) == torch.device("cuda", 1) and current == [1]
 
 
 SET_UP_BACKENDS = """
 import os, torch
-from phase_cifar10 import training
+from phase_cifar10 import launch
 torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
-training.set_up_backends()
+launch.set_up_backends()
 cudnn = torch.backends.cudnn
 print(cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, cudnn.deterministic, cudnn.benchmark,
       torch.are_deterministic_algorithms_enabled(), os.environ["CUBLAS_WORKSPACE_CONFIG"])
@@ -152,7 +152,7 @@ def test_an_interrupt_before_training_does_not_advise_resume(tmp_path, monkeypat
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runs, "plan_seed", interrupted)
+    monkeypatch.setattr(launch, "plan_seed", interrupted)
     code, _, stderr = run_main([*TINY, "--output-dir", tmp_path / "out"])
     assert code == 130 and "nothing to resume" in stderr and "--resume" not in stderr
 
@@ -213,11 +213,67 @@ def test_subset_larger_than_the_data_creates_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []  # a start that fails its checks leaves nothing on disk
 
 
-def test_the_command_line_docs_document_every_flag():
-    readme = (ROOT / "docs" / "command-line.md").read_text()
-    flags = {
-        opt for action in command_line.build_parser()._actions for opt in action.option_strings if opt.startswith("--")
+def test_the_flags_table_in_the_docs_is_the_parser():
+    """Every flag, and only those, with the default its --help shows ("off" for a switch)."""
+    table, section = {}, (ROOT / "docs" / "command-line.md").read_text().split("## Flags", 1)[1].split("\n## ")[0]
+    for line in section.splitlines():
+        if match := re.match(r"\| `(--[a-z0-9-]+)[^`]*` \|([^|]*)\|", line):
+            table[match.group(1)] = match.group(2).replace("`", "").strip()
+    parser = {}
+    for action in settings.build_parser()._actions:
+        if action.option_strings[0] != "-h":
+            shown = re.search(r"\(default (.+)\)$", " ".join((action.help or "").split()))
+            parser[action.option_strings[0]] = "off" if action.nargs == 0 else shown.group(1) if shown else ""
+    assert table == parser
+
+
+NEW_KEYWORD = """
+import inspect, json, sys
+import phase_controller as pc
+
+original = pc.PhaseController.__init__
+
+
+def __init__(self, *args, knob=7, **kwargs):  # a keyword the library might add one day
+    if not knob >= 1:
+        raise ValueError(f"knob must be >= 1, got {knob}")
+    original(self, *args, **kwargs)
+
+
+keyword = inspect.Parameter("knob", inspect.Parameter.KEYWORD_ONLY, default=7)
+__init__.__signature__ = inspect.signature(original).replace(
+    parameters=[*inspect.signature(original).parameters.values(), keyword]
+)
+pc.PhaseController.__init__ = __init__
+from phase_cifar10 import files, settings
+
+found = {"given": settings.Settings.from_command_line(["--knob", "9"]).controller["knob"]}
+found["default"] = settings.Settings.from_command_line([]).controller["knob"]
+try:
+    settings.Settings.from_command_line(["--knob", "0"])
+except files.UserError as e:
+    found["refused"] = str(e)
+old_file = {k: v for k, v in settings.Settings.from_command_line([]).recorded().items() if k != "knob"}
+old_file |= {"seed": 42, "momentum": 0.9, "weight_decay": 5e-4, "precision": "fp32"}
+settings.check_config(old_file)
+found["old file"] = settings.identity(old_file)["knob"]
+print(json.dumps(found))
+"""
+
+
+def test_a_new_controller_keyword_is_a_flag_and_a_setting_with_no_edit_but_its_help():
+    result = subprocess.run([sys.executable, "-c", NEW_KEYWORD], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout)
+    assert found == {"given": 9, "default": 7, "refused": "--knob must be >= 1, got 0", "old file": 7}
+
+
+def test_the_training_module_knows_no_devices_ranks_or_locks():
+    source = (ROOT / "phase_cifar10" / "training.py").read_text()
+    imported = {
+        name
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for name in [getattr(node, "module", None) or "", *(alias.name for alias in node.names)]
     }
-    flags.discard("--help")
-    missing = sorted(flag for flag in flags if not re.search(re.escape(flag) + r"\b", readme))
-    assert missing == []
+    assert not imported & {"torch.distributed", "launch", "lock_file", "pick_device", "choose_precision", "os"}

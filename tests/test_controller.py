@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import phase_controller as pc
-from phase_controller import PhaseController, loss_slope
+from phase_controller import PhaseController, dL_of
 
 pytestmark = pytest.mark.fast
 
@@ -43,8 +43,8 @@ def controller_in_s2(**kwargs):
         ([4.0, 3.0, 2.0, 1.0, 0.5], 1, -0.5),
     ],
 )
-def test_loss_slope_is_mean_of_last_w_first_differences(losses, window, expected):
-    assert loss_slope(losses, window) == pytest.approx(expected, abs=1e-15)
+def test_dL_is_the_mean_of_the_last_w_first_differences(losses, window, expected):
+    assert dL_of(losses, window) == pytest.approx(expected, abs=1e-15)
 
 
 def test_controller_exposes_latest_dl():
@@ -304,6 +304,6 @@ def test_observe_refuses_non_finite_losses(train_loss, eval_loss):
 
 
 @pytest.mark.parametrize("window", [0, -1, 1.5, math.inf])
-def test_loss_slope_refuses_a_window_below_one(window):
+def test_dL_refuses_a_window_below_one(window):
     with pytest.raises(ValueError, match="dl_window"):
-        loss_slope([2.0, 1.0], window)
+        dL_of([2.0, 1.0], window)

@@ -13,7 +13,7 @@ import torch
 from helpers import ROOT, TINY, read_json, run_main, without_timings
 
 import phase_controller as pc
-from phase_cifar10 import evidence, files, training
+from phase_cifar10 import evidence, settings, training
 
 # ----- statistics, against hand-computed cases -----
 
@@ -219,7 +219,7 @@ def test_summary_fields(multi_seed_run):
     summary = read_json(out / "multi_seed_summary.json")
     assert summary["seeds"] == [3, 7]
     seeds = {s: read_json(out / f"results_seed_{s}.json") for s in (3, 7)}
-    assert summary["config"] == files.run_identity(seeds[3]["config"])
+    assert summary["config"] == settings.identity(seeds[3]["config"])
     for arm in ("baseline", "phase_aware"):
         best = summary["arms"][arm]["best_acc"]
         per_seed = {str(s): r[arm]["best_acc"] for s, r in seeds.items()}

@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import ALL_PHASES, ROOT, TINY, cli, leftover_temp_files, read_json, run_main, without_timings
 
-from phase_cifar10 import files, runs, training
+from phase_cifar10 import files, launch, training
 
 RUN = [*TINY, *ALL_PHASES]
 
@@ -109,14 +109,14 @@ def test_resume_with_changed_settings_is_refused(tmp_path, monkeypatch, change, 
 @pytest.fixture
 def killed_before_the_results_file(tmp_path, monkeypatch):
     """A run interrupted after its figure was drawn but before its results file was written."""
-    write_json = runs.write_json
+    write_json = launch.write_json
 
     def interrupted_at_results(path, obj):
         if path.name.startswith("results_seed_"):
             raise KeyboardInterrupt
         write_json(path, obj)
 
-    monkeypatch.setattr(runs, "write_json", interrupted_at_results)
+    monkeypatch.setattr(launch, "write_json", interrupted_at_results)
     assert run_main([*RUN, "--output-dir", tmp_path])[0] == 130
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == [
@@ -257,8 +257,8 @@ HOLD_LOCK = """
 import sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from phase_cifar10 import runs
-with runs.seed_lock(Path(sys.argv[2]), 42):
+from phase_cifar10 import launch
+with launch.seed_lock(Path(sys.argv[2]), 42):
     print("held", flush=True)
     time.sleep(120)
 """

@@ -14,7 +14,7 @@ import torch
 from helpers import ALL_PHASES, ROOT, TINY, cli, read_json, run_main, write_cifar_folder
 
 import phase_controller as pc
-from phase_cifar10 import data, files, runs, training
+from phase_cifar10 import data, evidence, files, launch, training
 
 RUN = [*TINY, "--epochs", "3"]
 
@@ -73,17 +73,17 @@ def test_written_files_get_the_mode_open_would_give(tmp_path):
 def test_a_path_flag_needs_a_path(tmp_path, monkeypatch, flag, value):
     monkeypatch.chdir(tmp_path)
     code, stdout, stderr = run_main([*RUN, flag, value])
-    one_line_error(code, stderr, f"{flag} needs a path")
+    one_line_error(code, stderr, f"{flag} must be a path, got {value!r}")
     assert stdout == "" and list(tmp_path.iterdir()) == []
 
 
 # ----- flags out of range: one line before anything exists -----
 
 OUT_OF_RANGE = [
-    (["--seed", "-1"], "--seed must be >= 0"),
-    (["--seed", str(2**32)], "--seed must be >= 0 and < 2**32"),
-    (["--seeds", "1,-2"], "--seeds must lie in 0..2**32-1"),
-    (["--epochs", str(10**30)], "--epochs must be <= 1,000,000"),
+    (["--seed", "-1"], "--seed must be an integer in 0..4,294,967,295, got -1"),
+    (["--seed", str(2**32)], "--seed must be an integer in 0..4,294,967,295, got 4294967296"),
+    (["--seeds", "1,-2"], "--seeds must be comma-separated distinct integers in 0..2**32-1"),
+    (["--epochs", str(10**30)], "--epochs must be an integer in 1..1,000,000"),
     (["--base-lr", "1e308"], "--base-lr 1e+308 is too large"),
     (["--lr-pulse", "1e300", "--base-lr", "1e10"], "--base-lr 10000000000.0 is too large"),
     (["--grad-accum", "1" + "0" * 400, "--s1-threshold", "1" + "0" * 400], "--s1-threshold must be finite"),
@@ -116,9 +116,12 @@ def edit(obj, path, value):
 DELETE = object()
 RESULTS_EDITS = [
     (("config", "epochs"), 4, "baseline logs 6 epochs, not all of them"),
-    (("config", "seed"), "42", "config's seed out of range"),
-    (("config", "lr_pulse"), -1, "controller settings: lr_pulse must be > 0"),
-    (("config", "width"), True, "config's epochs/batch_size/width out of range"),
+    (("config", "seed"), "42", "config's seed must be an integer in 0..4,294,967,295, got '42'"),
+    (("config", "lr_pulse"), -1, "config's lr_pulse must be > 0, got -1"),
+    (("config", "width"), True, "config's width must be an integer >= 1, got True"),
+    (("config", "epochs"), 2_000_000, "config's epochs must be an integer in 1..1,000,000"),
+    (("config", "precision"), "fp8", "config's precision must be one of fp32, bf16-autocast, got 'fp8'"),
+    (("config", "control"), DELETE, "config lacks 'control'"),
     (("phase_aware", "per_epoch", "phase", 5), "S9", "phase holds a name not in"),
     (("phase_aware", "per_epoch", "phase", 5), "S0_EXPLORE", "goes back to an earlier phase"),
     (("phase_aware", "per_epoch", "train_loss", 0), 10**400, "train_loss holds a value not a finite number"),
@@ -156,16 +159,14 @@ def test_a_deeply_nested_or_huge_results_file_is_one_line(tmp_path):
 @pytest.fixture
 def interrupted_run(tmp_path, monkeypatch):
     """A run stopped after the phase arm's second epoch: its checkpoints in tmp_path."""
-    calls = {"n": 0}
-    real = training.save_checkpoint
+    real = training.Arm.save
 
-    def save_then_stop(run, name, *args):
-        real(run, name, *args)
-        calls["n"] += 1
-        if name == "phase_aware" and args[-1] == 2:
+    def save_then_stop(arm, next_epoch):
+        real(arm, next_epoch)
+        if arm.name == "phase_aware" and next_epoch == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(training.Arm, "save", save_then_stop)
     assert run_main([*RUN, "--output-dir", tmp_path])[0] == 130
     monkeypatch.undo()
     return tmp_path / "checkpoint_seed_42_phase_aware.pt"
@@ -181,7 +182,7 @@ CHECKPOINT_EDITS = [
     (("scheduler", "last_epoch"), 5, "the scheduler stepped 5 times in 2 epochs"),
     (("scheduler", "controller", "losses"), [1.0, 2.0], "its controller did not see the training losses"),
     (("scheduler", "controller", "phase"), "S3_POLISH", "its controller's phase is not the last one logged"),
-    (("config", "dl_mode"), "weird", "dl_mode must be 'absolute' or 'relative'"),
+    (("config", "dl_mode"), "weird", "config's dl_mode must be 'absolute' or 'relative'"),
     (("arm",), DELETE, "it lacks ['arm']"),
 ]
 
@@ -231,7 +232,7 @@ def test_an_interrupt_while_resume_checks_never_says_nothing_to_resume(interrupt
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runs, "check_resumable", interrupted)
+    monkeypatch.setattr(launch, "check_resumable", interrupted)
     code, _, stderr = run_main([*RUN, "--output-dir", interrupted_run.parent, "--resume"])
     assert code == 130 and "nothing to resume" not in stderr and "--resume" in stderr
     assert interrupted_run.exists()
@@ -244,16 +245,28 @@ class Interrupt:
         if name == "torch":
             raise KeyboardInterrupt
 sys.meta_path.insert(0, Interrupt())
-sys.argv = ["phase_controller.py", "--help"]
+if sys.argv[1] == "command":  # the installed phase-controller command
+    from phase_cifar10 import main
+    sys.exit(main(["--help"]))
+sys.argv = ["phase_controller.py", "--help"]  # the script: the library, then the experiment
 import runpy
 runpy.run_path("phase_controller.py", run_name="__main__")
 """
 
 
-def test_an_interrupt_while_torch_loads_is_one_line_and_exit_130():
-    result = subprocess.run([sys.executable, "-c", INTERRUPT_WHILE_IMPORTING], capture_output=True, text=True, cwd=ROOT)
+def test_an_interrupt_while_torch_loads_is_one_line_and_exit_130_for_the_installed_command():
+    command = [sys.executable, "-c", INTERRUPT_WHILE_IMPORTING, "command"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 130 and "Traceback" not in result.stderr
     assert result.stderr.strip() == "interrupted while starting; nothing was written"
+
+
+def test_an_interrupt_while_the_script_loads_torch_stops_it_as_python_does():
+    # The library reads first; its __main__ block comes last, so Python's own KeyboardInterrupt ends it.
+    result = subprocess.run(
+        [sys.executable, "-c", INTERRUPT_WHILE_IMPORTING, "script"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode != 0 and result.stderr.rstrip().endswith("KeyboardInterrupt") and result.stdout == ""
 
 
 def test_interrupted_summarize_advises_no_resume(tmp_path, default_run, monkeypatch):
@@ -262,7 +275,7 @@ def test_interrupted_summarize_advises_no_resume(tmp_path, default_run, monkeypa
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runs, "plot_summary", interrupted)
+    monkeypatch.setattr(evidence, "plot_summary", interrupted)
     code, _, stderr = run_main(["--summarize", out])
     assert code == 130 and "rerun the same command" in stderr and "--resume" not in stderr
 

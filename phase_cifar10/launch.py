@@ -1,0 +1,411 @@
+"""Launching: the device, its precision and backends, torchrun ranks, seed locks and resume
+planning; then each seed trained (training.py) and its results file written."""
+
+import functools
+import os
+import sys
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import training
+from .data import Dataset, cifar10_dataset, data_label, prepare_cifar10, split_indices, synthetic_dataset
+from .evidence import print_seed_result, seed_results, write_summary
+from .figures import plot_seed
+from .files import LockHeld, UserError, check_output_dir, lock_file, make_folder, write_json
+from .loader import DeviceSplit
+from .model import MOMENTUM, WEIGHT_DECAY, memory_format_for, parameter_count
+from .progress import Progress
+from .records import (
+    ARMS,
+    BadRecord,
+    arms_of,
+    check_checkpoint,
+    checkpoint_path,
+    figure_path,
+    load_checkpoint,
+    read_results_file,
+    results_path,
+)
+from .settings import IDENTITY, Settings, identity
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What this process trains and where: the settings, the device and the precision it computes
+    in, the output folder, and under torchrun its rank of world."""
+
+    settings: Settings
+    device: torch.device
+    precision: str
+    output_dir: Path
+    rank: int = 0
+    world: int = 1
+
+
+def run_training(settings):
+    """Train this process's seeds (every world-th under torchrun); returns the exit code."""
+    with nothing_to_resume_yet(settings.output_dir):
+        launch = start(settings)
+    try:
+        with nothing_to_resume_yet(launch.output_dir):
+            seeds = settings.seeds_to_run()
+            my_seeds = seeds[launch.rank :: launch.world]
+            if settings.dataset == "cifar10":  # rank 0 unpacks (or downloads) the data, the others then read it
+                on_every_rank(launch, lambda: launch.rank == 0 and prepare_cifar10(settings.data_dir))
+            # Fail fast: data, splits and resumability of every seed are checked before anything is written.
+            plans, finished = on_every_rank(launch, lambda: check_seeds(launch, my_seeds))
+            make_folder(launch.output_dir, "--output-dir")
+        with ExitStack() as locks:
+            for seed in my_seeds:
+                locks.enter_context(seed_lock(launch.output_dir, seed))
+            diverged = train_seeds(launch, plans, finished)
+        if launch.world > 1:  # every rank learns every rank's divergences, so all agree on the exit code
+            gathered = [None] * launch.world
+            dist.all_gather_object(gathered, diverged)
+            diverged = [line for lines in gathered for line in lines]
+        if settings.multi_seed and launch.rank == 0:
+            write_summary(launch.output_dir, seeds)
+        if launch.world > 1:
+            # No rank exits before rank 0 has written the summary: torchrun stops every worker as soon
+            # as one exits with an error.
+            dist.barrier()
+    finally:
+        if launch.world > 1:
+            dist.destroy_process_group()
+    if diverged:
+        print(
+            f"error: {len(diverged)} arm(s) diverged ({'; '.join(diverged)}); "
+            "their results and figures hold the epochs before",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def start(settings):
+    """This process's Launch: backends set up, device and precision chosen, torchrun joined."""
+    set_up_backends()
+    rank, world, local_rank, local_world = distributed_env()
+    device = pick_device(settings.device, local_rank, local_world)
+    precision = choose_precision(settings.bf16, device)
+    output_dir = check_output_dir(settings.output_dir)
+    if world > 1:
+        # Only collectives of small Python objects are needed: gloo serves them on any device.
+        dist.init_process_group("gloo", timeout=timedelta(days=7))  # seeds may run for days
+    return Launch(settings, device, precision, output_dir, rank, world)
+
+
+# ----- devices and precision -----
+
+
+def distributed_env():
+    """(rank, world_size, local_rank, local_world_size) under torchrun; (0, 1, 0, 1) otherwise."""
+    rank, world, local_rank = (
+        int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0))
+    )
+    return rank, world, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
+
+
+def pick_device(name, local_rank=0, local_world=1):
+    """The device of this process; under torchrun, cuda:LOCAL_RANK.
+
+    Every rank checks the node's process count against its GPUs before any collective, so a bad
+    launch stops all ranks with the same line instead of leaving rank 0 waiting for the others.
+    """
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if cuda else "mps" if mps else "cpu"
+    if name == "cuda":
+        if not cuda:
+            raise UserError(f"--device cuda asked for, but torch {torch.__version__} sees no CUDA device")
+        count, processes = torch.cuda.device_count(), max(local_world, local_rank + 1)
+        if processes > count:
+            raise UserError(
+                f"{processes} processes on this node need one CUDA device each, but {count}"
+                f" are visible: start at most {count} per node (torchrun --nproc_per_node {count})"
+            )
+        torch.cuda.set_device(local_rank)  # NCCL and the default CUDA stream follow the current device
+        return torch.device("cuda", local_rank)
+    if name == "mps" and not mps:
+        raise UserError("--device mps asked for, but this torch sees no MPS device")
+    return torch.device(name)
+
+
+def native_bf16(device):
+    """Whether the hardware computes bf16 natively; emulated bf16 is slower than fp32."""
+    if device.type == "cuda":
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # a torch without the argument: it reports native support only
+            return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+    return False
+
+
+def choose_precision(bf16, device):
+    """What --bf16 auto|on|off means on this device: bf16 autocast, or fp32."""
+    if bf16 == "on" and device.type == "mps":
+        raise UserError("--bf16 on is not supported on MPS here")
+    return "bf16-autocast" if bf16 == "on" or (bf16 == "auto" and native_bf16(device)) else "fp32"
+
+
+def autocast_for(device, precision):
+    if precision == "bf16-autocast":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def set_up_backends():
+    """Deterministic kernels, and fp32 that is IEEE fp32 on every device.
+
+    cuDNN convolutions use TF32 by default, so without this `--bf16 off` on a GPU would train in
+    TF32 while recording fp32. The allow_tf32 flags exist in every torch from 2.4 on; torch 2.9's
+    fp32_precision API is not touched, since mixing the two makes reading allow_tf32 raise.
+    """
+    # cuBLAS is deterministic only with this workspace setting, set before CUDA starts (lazily, at
+    # the first CUDA tensor). Set by the command line, not on import: a library leaves its user's
+    # environment alone.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def check_model_fits(width, device):
+    """Refuse a --width whose weights, gradients and momentum alone (4 bytes each) exceed the device's memory."""
+    parameters, memory = parameter_count(width), device_memory(device)
+    if memory is not None and 12 * parameters > memory:
+        raise UserError(
+            f"--width {width}: the model's {parameters:,} parameters need {12 * parameters // 2**30:,} GiB for "
+            f"weights, gradients and momentum alone, more than the {memory // 2**30:,} GiB of {device}"
+        )
+
+
+def device_memory(device):
+    """Bytes of memory of the device, where torch or the OS tell."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if device.type == "cpu" else None
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or not these names
+        return None
+
+
+# ----- torchrun: every rank stops on any rank's bad input -----
+
+
+class StoppedOnRank0(UserError):
+    """A bad input on some rank, which rank 0 reports for all; the other ranks stop without a word."""
+
+
+def on_every_rank(launch, check):
+    """check() on this rank; under torchrun every rank then learns whether any rank failed it, so
+    that a bad input found on one rank stops them all, in one line, before any training."""
+    try:
+        result, error = check(), None
+    except UserError as e:
+        result, error = None, str(e)
+    errors = [error]
+    if launch.world > 1:
+        errors = [None] * launch.world
+        dist.all_gather_object(errors, error)
+    failed = [(where, message) for where, message in enumerate(errors) if message is not None]
+    if failed:
+        where, message = failed[0]
+        if launch.rank != 0:
+            raise StoppedOnRank0(message)
+        raise UserError(message if launch.world == 1 else f"{message} (found on rank {where}; every rank stopped)")
+    return result
+
+
+# ----- planning: what each seed trains on, and what --resume continues -----
+
+
+class SeedPlan(NamedTuple):
+    """What one seed will train on, and its config: everything that is checked before training."""
+
+    data: Dataset
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    config: dict
+
+
+def check_seeds(launch, seeds):
+    """(plans, finished): what each seed trains on, and with --resume the results of finished seeds."""
+    plans = {seed: plan_seed(launch, seed) for seed in seeds}
+    finished = {}
+    if launch.settings.resume:
+        checked = {seed: check_resumable(launch, seed, plan.config) for seed, plan in plans.items()}
+        finished = {seed: results for seed, results in checked.items() if results is not None}
+    return plans, finished
+
+
+def plan_seed(launch, seed):
+    settings = launch.settings
+    check_model_fits(settings.width, launch.device)
+    data = synthetic_dataset(seed) if settings.dataset == "synthetic" else cifar10_dataset(settings.data_dir)
+    train_idx, val_idx = split_indices(len(data.train_y), settings.subset, settings.val_size)
+    return SeedPlan(data, train_idx, val_idx, seed_config(launch, seed, data, len(train_idx)))
+
+
+def seed_config(launch, seed, data, train_size):
+    """The results file's config: the run's settings, plus what was resolved for this seed."""
+    settings, device = launch.settings, launch.device
+    config = settings.recorded()
+    config.update(
+        seed=seed, device=str(device), precision=launch.precision, momentum=MOMENTUM,
+        memory_format=str(memory_format_for(device, settings.width)).removeprefix("torch."),
+        weight_decay=WEIGHT_DECAY, torch_version=str(torch.__version__),
+        tf32=torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32,  # as set_up_backends left it
+        model_params=parameter_count(settings.width),
+        train_size=train_size, test_size=len(data.test_y),
+    )  # fmt: skip
+    if settings.dataset == "synthetic":
+        config["data_dir"] = None
+    return config
+
+
+def check_resumable(launch, seed, config):
+    """With --resume: the seed's results when it is finished, else None; refuses a results file or
+    checkpoint of the wrong shape, or made with other settings."""
+    folder, now = launch.output_dir, identity(config)
+    path = results_path(folder, seed)
+    results = read_results_file(path, seed) if path.exists() else None
+    saved = [(path, results["config"])] if results else []
+    for name in ARMS:
+        path = checkpoint_path(folder, seed, name)
+        if path.exists():
+            try:
+                check_checkpoint(state := load_checkpoint(path), name)
+            except BadRecord as e:
+                raise UserError(f"--resume: cannot use {path} ({e}); delete it to start that seed afresh") from None
+            saved.append((path, state["config"]))
+    for path, saved_config in saved:
+        before = identity(saved_config)
+        differing = [f"{k} {before[k]!r} there, {now[k]!r} now" for k in IDENTITY if before[k] != now[k]]
+        if differing:
+            raise UserError(
+                f"--resume: {path} was made with other settings ({'; '.join(differing)}); "
+                "rerun with those settings, or without --resume to start afresh"
+            )
+    return results
+
+
+@contextmanager
+def seed_lock(output_dir, seed):
+    """Hold the seed's lock in output_dir for the block, or refuse in one line.
+
+    One seed, one process: a second launch, or a --resume while the first still trains, would
+    interleave checkpoints.
+    """
+    try:
+        with lock_file(Path(output_dir) / f".lock_seed_{seed}"):
+            yield
+    except LockHeld as e:
+        raise UserError(
+            f"seed {seed} is being trained in {output_dir} by {e.holder}; wait for it, or stop it and "
+            "continue with --resume"
+        ) from None
+
+
+# ----- training the seeds -----
+
+
+def train_seeds(launch, plans, finished):
+    """This process's seeds, their locks held; returns one line per diverged arm."""
+    settings, folder = launch.settings, launch.output_dir
+    for seed, results in finished.items():
+        finish_skipped_seed(seed, results, folder)
+    todo = {seed: plan for seed, plan in plans.items() if seed not in finished}
+    for seed in todo:
+        remove_leftovers(folder, seed, checkpoints=not settings.resume)
+    arms = len(arms_of(settings.values()))
+    where = f", rank {launch.rank} of {launch.world}" if launch.world > 1 else ""
+    print(
+        f"{data_label(settings.values())}: {len(todo)} seed(s) to train on {launch.device}"
+        f" ({launch.precision}, {arms} arms, {settings.epochs} epochs{where})"
+    )
+    if not settings.val_size:
+        print("note: without --val-size the test split drives the controller and best-epoch selection")
+    progress = Progress(len(todo) * arms * settings.epochs)
+    diverged = []
+    for seed, plan in todo.items():
+        results = seed_results(plan.config, training.train_seed(seed_job(launch, seed, plan, progress)))
+        plot_seed(results, figure_path(folder, seed))
+        # Last: its existence means the seed is complete (--resume skips it, --summarize reads it).
+        write_json(results_path(folder, seed), results)
+        for name in ARMS:
+            checkpoint_path(folder, seed, name).unlink(missing_ok=True)
+        print_seed_result(results)
+        diverged += [f"seed {seed} {name} at epoch {results[name]['diverged_epoch']}" for name in ARMS
+                     if name in results and results[name]["status"] == "diverged"]  # fmt: skip
+    return diverged
+
+
+def remove_leftovers(folder, seed, checkpoints):
+    """The temporary files a killed process left of the seed's files, and without --resume its
+    checkpoints. The seed's lock makes this safe."""
+    names = [results_path(folder, seed), figure_path(folder, seed), checkpoint_path(folder, seed)]
+    leftovers = [path for name in names for path in folder.glob(f".{name.name}.tmp-*")]
+    if checkpoints:
+        leftovers += folder.glob(checkpoint_path(folder, seed).name)
+    for path in leftovers:
+        path.unlink()
+
+
+def seed_job(launch, seed, plan, progress):
+    """The seed's training job: its splits moved onto the device, in the layout the model uses there."""
+    device, data = launch.device, plan.data
+    layout = memory_format_for(device, launch.settings.width)
+
+    def split(images, labels):
+        return DeviceSplit(images, labels, device, layout)
+
+    return training.SeedJob(
+        seed=seed, config=plan.config, device=device,
+        train=split(data.train_x[plan.train_idx], data.train_y[plan.train_idx]),
+        test=split(data.test_x, data.test_y),
+        val=split(data.train_x[plan.val_idx], data.train_y[plan.val_idx]) if launch.settings.val_size else None,
+        autocast=functools.partial(autocast_for, device, launch.precision),
+        folder=launch.output_dir, resume=launch.settings.resume, progress=progress,
+    )  # fmt: skip
+
+
+def finish_skipped_seed(seed, results, folder):
+    """A finished seed under --resume: redraw a figure a kill left missing, drop leftover checkpoints."""
+    print(f"seed {seed}: {results_path(folder, seed).name} exists with these settings; skipped")
+    figure = figure_path(folder, seed)
+    if not figure.exists():
+        plot_seed(results, figure)
+        print(f"seed {seed}: redrew {figure.name} from the results file")
+    for path in folder.glob(checkpoint_path(folder, seed).name):
+        path.unlink()
+
+
+class NothingToResume(KeyboardInterrupt):
+    """An interrupt before the first epoch, with no checkpoint in the output folder to continue from."""
+
+
+@contextmanager
+def nothing_to_resume_yet(output_dir):
+    try:
+        yield
+    except KeyboardInterrupt:
+        try:
+            checkpoints = any(Path(output_dir).glob(checkpoint_path(output_dir).name))
+        except OSError:
+            checkpoints = True  # cannot tell: advise --resume, which loses nothing
+        if checkpoints:
+            raise
+        raise NothingToResume from None
