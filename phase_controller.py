@@ -117,8 +117,8 @@ class PhaseController:
         self.phase = S0_EXPLORE
         self.best_eval = math.inf  # best eval loss seen in S2
         self.stale = 0  # evaluations in S2 since the best improved
-        self.transitions = []  # human-readable, one line per transition
-        self.transition_epochs = {}  # {"S1": epoch, ...}, the 0-based epoch that caused it
+        self.transitions = []  # one line per transition, for people: epochs counted from 1
+        self.transition_epochs = {}  # {"S1": index, ...}: the index (from 0) of the epoch that caused it
 
     def __repr__(self):
         settings = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.SETTINGS)
@@ -155,9 +155,8 @@ class PhaseController:
         return self.recommendation()
 
     def _enter(self, phase, reason):
-        epoch = len(self.losses) - 1
-        self.transitions.append(f"epoch {epoch}: {self.phase} -> {phase} ({reason})")
-        self.transition_epochs[phase[:2]] = epoch
+        self.transitions.append(f"after epoch {len(self.losses)}: {self.phase} -> {phase} ({reason})")
+        self.transition_epochs[phase[:2]] = len(self.losses) - 1
         self.phase = phase
 
     def metrics(self):
@@ -397,4 +396,4 @@ if __name__ == "__main__":  # the CIFAR-10 experiment, which imports this file a
 
     from phase_cifar10 import main
 
-    sys.exit(main())
+    sys.exit(main(prog="phase_controller.py"))

@@ -21,8 +21,10 @@ matplotlib (`pip install ".[demo]"`).
 import signal
 import sys
 
+__version__ = "0.4.0"  # the package's version, which pyproject.toml reads from here
 
-def main(argv=None):
+
+def main(argv=None, prog="phase-controller"):
     """The `phase-controller` command and `python phase_controller.py`; returns the exit code."""
     # A cluster's preemption (SIGTERM) stops a run as cleanly as Ctrl-C does, from the first moment.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -31,17 +33,14 @@ def main(argv=None):
             import matplotlib  # noqa: F401
             import numpy  # noqa: F401
         except ImportError as e:
-            print(
-                f"phase_controller.py: error: the experiment needs numpy and matplotlib ({e}): pip install numpy "
-                "matplotlib (or install this package with its demo extra: pip install '.[demo]')",
-                file=sys.stderr,
-            )
+            print(f"{prog}: error: the experiment needs numpy and matplotlib ({e}): pip install numpy matplotlib",
+                  file=sys.stderr)  # fmt: skip
             return 2
         try:
             from .command_line import main as run_command_line  # torch: seconds
         except KeyboardInterrupt:
             print("\ninterrupted while starting; nothing was written", file=sys.stderr)
             return 130
-        return run_command_line(argv)
+        return run_command_line(argv, prog)
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -3,24 +3,26 @@
 
 import shlex
 import sys
+from pathlib import Path
 
 import torch
 
 from .evidence import write_summary
 from .files import UserError, one_line, os_error
 from .launch import NothingToResume, StoppedOnRank0, run_training
+from .records import checkpoint_path, results_path
 from .replay import replay
 from .settings import Settings
 
 
-def main(argv=None):
-    """The command line (also the installed `phase-controller` command); returns the exit code."""
+def main(argv=None, prog="phase_controller.py"):
+    """The command line: prog is how the user started it (the script, or the installed command)."""
     if argv is None:
         argv = sys.argv[1:]
         sys.stdout.reconfigure(line_buffering=True)  # progress lines appear at once, also through a pipe
     settings = None
     try:
-        settings = Settings.from_command_line(argv)
+        settings = Settings.from_command_line(argv, prog)
         if settings.summarize is not None:
             write_summary(settings.summarize)
             return 0
@@ -30,38 +32,53 @@ def main(argv=None):
     except StoppedOnRank0:  # rank 0 says why
         return 2
     except UserError as e:
-        return error(e)
+        return error(e, prog)
     except NothingToResume:
         print("\ninterrupted before training started; nothing to resume", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print(f"\ninterrupted; {what_to_do_next(settings, argv)}", file=sys.stderr)
+        print(f"\ninterrupted; {what_to_do_next(settings, argv, prog)}", file=sys.stderr)
         return 130
     except (MemoryError, RuntimeError) as e:
         if not (isinstance(e, MemoryError) or is_allocation_failure(e)):
             raise  # a bug: its traceback is what finds it
-        return error(f"out of memory ({one_line(e)}); {what_to_do_next(settings, argv, out_of_memory=True)}")
+        return error(
+            f"out of memory ({one_line(e)}); {what_to_do_next(settings, argv, prog, out_of_memory=True)}", prog
+        )
     except OSError as e:
         if e.filename is None:
             raise
-        return error(f"cannot use {os_error(e)}")
+        return error(f"cannot use {os_error(e)}", prog)
 
 
-def error(message):
-    print(f"phase_controller.py: error: {message}", file=sys.stderr)
+def error(message, prog):
+    print(f"{prog}: error: {message}", file=sys.stderr)
     return 2
 
 
-def what_to_do_next(settings, argv, out_of_memory=False):
+def what_to_do_next(settings, argv, prog, out_of_memory=False):
     """After an interrupt or running out of memory: what is safe, and the command to continue."""
     if settings is None or settings.summarize is not None or settings.replay is not None:
         smaller = "a smaller input, or " if out_of_memory else ""
         return f"files are written whole or not at all: rerun the same command ({smaller}on a larger machine)"
-    again = " ".join(
-        shlex.quote(a) for a in ["python", "phase_controller.py", *argv, *([] if "--resume" in argv else ["--resume"])]
-    )
     smaller = "lower --batch-size or --width (a new run) or free memory; " if out_of_memory else ""
+    if not has_work(settings):
+        return f"{smaller}no epoch was completed, so there is nothing to resume: rerun the same command"
+    command = ["python", prog] if prog.endswith(".py") else [prog]
+    again = " ".join(shlex.quote(a) for a in [*command, *argv, *([] if "--resume" in argv else ["--resume"])])
     return f"{smaller}every completed epoch is checkpointed. Continue with:\n  {again}"
+
+
+def has_work(settings):
+    """Whether the output folder holds a checkpoint or results file of a seed of this run (or cannot tell)."""
+    folder = Path(settings.output_dir)
+    try:
+        return any(
+            any(folder.glob(checkpoint_path(folder, seed).name)) or results_path(folder, seed).exists()
+            for seed in settings.seeds_to_run()
+        )
+    except OSError:
+        return True  # cannot tell: advise --resume, which loses nothing
 
 
 def is_allocation_failure(e):

@@ -29,6 +29,8 @@ from .settings import IDENTITY, identity
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 EXACT_SIGN_FLIP_MAX_N = 16  # 2^16 sign patterns; beyond that a fixed-seed Monte Carlo sample
+# Below this many pairs an interval or a p-value says nothing: two seeds cannot give p below 0.5.
+MIN_PAIRS = 3
 
 
 def bootstrap_ci(values, resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED):
@@ -58,15 +60,17 @@ def sign_flip_p_value(deltas):
 
 
 def paired_stats(deltas):
-    """Statistics of per-seed deltas {seed: delta} (only seeds whose two arms both finished)."""
+    """Statistics of per-seed deltas {seed: delta} (only seeds whose two arms both finished); no
+    interval and no p-value below MIN_PAIRS pairs."""
     d = np.asarray(list(deltas.values()), dtype=float)
+    enough = len(d) >= MIN_PAIRS
     return {
         "per_seed": {str(seed): float(v) for seed, v in deltas.items()},
         "mean": float(d.mean()),
         "median": float(np.median(d)),
         "std": float(d.std(ddof=1)) if len(d) > 1 else None,
-        "ci95": bootstrap_ci(d),
-        "p_value": sign_flip_p_value(d),
+        "ci95": bootstrap_ci(d) if enough else None,
+        "p_value": sign_flip_p_value(d) if enough else None,
         "positive": int((d > 0).sum()),
         "total": len(d),
     }
@@ -137,6 +141,7 @@ def write_summary(folder, seeds=None):
     plot_summary(results, summary, summary_path(folder, ".png"))
     write_json(summary_path(folder, ".json"), summary)
     print_summary(summary)
+    print(f"wrote {summary_path(folder, '.json')} and {summary_path(folder, '.png').name}")
     return summary
 
 
@@ -220,18 +225,19 @@ def criterion_detail(name, c):
     if "seeds_met" in c:  # a summary's per-seed criterion
         return f"{c['seeds_met']}/{c['seeds']} seeds"
     if name == "positive_mean_delta":
-        return f"mean {c['metric']} delta {fmt_acc(c['mean_delta'], '+')} over {c['pairs']} healthy pairs"
+        return f"mean {c['metric']} delta {fmt_points(c['mean_delta'])} over {c['pairs']} healthy pairs"
     if name == "majority_of_seeds_positive":
         return f"{c['positive']}/{c['pairs']} healthy pairs positive"
     if name == "positive_delta":
-        return f"{c['metric']} delta {fmt_acc(c['delta'], '+')}"
+        return f"{c['metric']} delta {fmt_points(c['delta'])}"
     if name == "s1_to_s2_visible":
         if c["s2_entered_at"] is None:
             return "S2 never entered"
-        return f"S2 entered at epoch {c['s2_entered_at']}, its multipliers applied in {c['epochs_at_s2_multipliers']}"
+        applied = c["epochs_at_s2_multipliers"]
+        return f"S2 entered after epoch {c['s2_entered_at'] + 1}, its multipliers applied in {applied} epoch(s)"
     departs, detected = c["first_departure_epoch"], c["first_detection_epoch"]
-    departure = "LR never departs" if departs is None else f"LR first departs at epoch {departs}"
-    return departure + (", S1 never detected" if detected is None else f", S1 detected at epoch {detected}")
+    departure = "LR never departs" if departs is None else f"LR first departs in epoch {departs + 1}"
+    return departure + (", S1 never detected" if detected is None else f", S1 detected after epoch {detected + 1}")
 
 
 def print_criteria(criteria, prefix=""):
@@ -256,7 +262,7 @@ def print_seed_result(results):
     for other in (BASELINE, CONTROL):
         if other in results:
             best, final = (results[delta_key(metric, other)] for metric in METRICS)
-            print(f"seed {seed} delta (phase_aware - {other}): best {fmt_acc(best, '+')}  final {fmt_acc(final, '+')}")
+            print(f"seed {seed} delta (phase_aware - {other}): best {fmt_points(best)}  final {fmt_points(final)}")
     for line in results[PHASE_AWARE].get("transitions", []):
         print(f"seed {seed} transition {line}")
     print_criteria(seed_criteria(results), prefix=f"seed {seed} ")
@@ -267,8 +273,8 @@ def print_summary(summary):
     for name, stats in summary["arms"].items():
         best, final = stats["best_acc"], stats["final_acc"]
         print(
-            f"  {name:<11} best {fmt_acc(best['mean'])} +- {fmt_acc(best['std'])}"
-            f"  final {fmt_acc(final['mean'])} +- {fmt_acc(final['std'])}  ({best['seeds']} healthy seeds)"
+            f"  {name:<11} best {fmt_acc(best['mean'])} +- {fmt_points(best['std'], '')}"
+            f"  final {fmt_acc(final['mean'])} +- {fmt_points(final['std'], '')}  ({best['seeds']} healthy seeds)"
         )
     for name, comparison in summary["comparisons"].items():
         for excluded in comparison["excluded"]:
@@ -278,12 +284,24 @@ def print_summary(summary):
             if s is None:
                 print(f"  {name} {metric}: no seed with both arms healthy")
                 continue
-            print(
-                f"  {name} {metric}: mean {s['mean']:+.2f} (95% CI {s['ci95'][0]:+.2f}..{s['ci95'][1]:+.2f}), "
-                f"sign-flip p = {s['p_value']:.3f}, {s['positive']}/{s['total']} healthy pairs positive"
-            )
+            line = f"  {name} {metric}: mean {fmt_points(s['mean'])}"
+            if s["ci95"] is not None:
+                line += f" (95% CI {s['ci95'][0]:+.2f}..{s['ci95'][1]:+.2f}), sign-flip p = {s['p_value']:.3f}"
+            print(f"{line}, {s['positive']}/{s['total']} healthy pairs positive")
+    few = sorted(
+        {s["total"] for c in summary["comparisons"].values() for m in METRICS if (s := c[m]) and not s["ci95"]}
+    )
+    if few:
+        print(f"  no interval or p-value: {' or '.join(map(str, few))} pair(s) cannot tell an effect from seed noise"
+              f" (two seeds cannot give p below 0.5); run {MIN_PAIRS} seeds or more")  # fmt: skip
     print_criteria(summary["success_criteria"], prefix="  ")
 
 
-def fmt_acc(value, sign=""):
-    return "n/a" if value is None else f"{value:{sign}.2f}%"
+def fmt_acc(value):
+    """An accuracy, in percent."""
+    return "n/a" if value is None else f"{value:.2f}%"
+
+
+def fmt_points(value, sign="+"):
+    """A difference of accuracies, or their spread, in percentage points."""
+    return "n/a" if value is None else f"{value:{sign}.2f} points"

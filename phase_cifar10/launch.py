@@ -3,6 +3,7 @@ planning; then each seed trained (training.py) and its results file written."""
 
 import functools
 import os
+import subprocess
 import sys
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import training
+from . import __version__, training
 from .data import Dataset, cifar10_dataset, data_label, prepare_cifar10, split_indices, synthetic_dataset
 from .evidence import print_seed_result, seed_results, write_summary
 from .figures import plot_seed
@@ -269,11 +270,30 @@ def seed_config(launch, seed, data, train_size):
         weight_decay=WEIGHT_DECAY, torch_version=str(torch.__version__),
         tf32=torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32,  # as set_up_backends left it
         model_params=parameter_count(settings.width),
-        train_size=train_size, test_size=len(data.test_y),
+        train_size=train_size, test_size=len(data.test_y), version=__version__, git_commit=git_commit(),
     )  # fmt: skip
     if settings.dataset == "synthetic":
         config["data_dir"] = None
     return config
+
+
+@functools.cache
+def git_commit():
+    """The commit of the code that runs, with "-dirty" if its tracked files differ; None outside a checkout."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return None
+    try:
+        git = ["git", "-C", str(root)]
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        changes = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode != 0:
+        return None
+    return commit.stdout.strip() + ("-dirty" if changes.returncode != 0 or changes.stdout else "")
 
 
 def check_resumable(launch, seed, config):
@@ -334,11 +354,13 @@ def train_seeds(launch, plans, finished):
     where = f", rank {launch.rank} of {launch.world}" if launch.world > 1 else ""
     print(
         f"{data_label(settings.values())}: {len(todo)} seed(s) to train on {launch.device}"
-        f" ({launch.precision}, {arms} arms, {settings.epochs} epochs{where})"
+        f" ({launch.precision}, {arms} arms, {settings.epochs} epochs{where}), writing to {folder}"
     )
     if not settings.val_size:
         print("note: without --val-size the test split drives the controller and best-epoch selection")
-    progress = Progress(len(todo) * arms * settings.epochs)
+    sizes = next(iter(todo.values())).config if todo else {"train_size": 0, "test_size": 0}
+    evaluated = sizes["test_size"] + settings.val_size
+    progress = Progress(len(todo) * arms * settings.epochs, sizes["train_size"], evaluated)
     diverged = []
     for seed, plan in todo.items():
         results = seed_results(plan.config, training.train_seed(seed_job(launch, seed, plan, progress)))
@@ -348,7 +370,8 @@ def train_seeds(launch, plans, finished):
         for name in ARMS:
             checkpoint_path(folder, seed, name).unlink(missing_ok=True)
         print_seed_result(results)
-        diverged += [f"seed {seed} {name} at epoch {results[name]['diverged_epoch']}" for name in ARMS
+        print(f"seed {seed}: wrote {results_path(folder, seed)} and {figure_path(folder, seed).name}")
+        diverged += [f"seed {seed} {name} in epoch {results[name]['diverged_epoch'] + 1}" for name in ARMS
                      if name in results and results[name]["status"] == "diverged"]  # fmt: skip
     return diverged
 

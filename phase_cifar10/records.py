@@ -79,7 +79,7 @@ def arm_problem(record):
     if record["status"] == "ok":
         return None
     if record["status"] == "diverged":
-        return f"diverged at epoch {record['diverged_epoch']}"
+        return f"diverged in epoch {record['diverged_epoch'] + 1}"
     return f"not run: {record['reason']}"
 
 
@@ -167,7 +167,7 @@ def check_record(record, name, logs, epochs, next_epoch=None):
     elif status == "diverged":
         diverged = record.get("diverged_epoch")
         expected = done < epochs if next_epoch is None else done == next_epoch - 1
-        require(diverged == done and expected, f"{name} diverged at epoch {diverged!r} after {done} logged epochs")
+        require(diverged == done and expected, f"{name} diverged_epoch {diverged!r} after {done} logged epochs")
     else:
         require(done == 0 and isinstance(record.get("reason"), str), f"{name} was not run but logs {done} epochs")
     lr_mult = record.get("fixed_lr_mult")

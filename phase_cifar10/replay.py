@@ -109,7 +109,9 @@ def replay(settings):
     log, controller = read_loss_log(source), controller_of(settings.controller)
     at = next((e for e, loss in enumerate(log.train) if loss <= 0), None)
     if controller.dl_mode == "relative" and at is not None:
-        raise UserError(f"--replay {source}: --dl-mode relative needs positive losses; epoch {at} has {log.train[at]}")
+        raise UserError(
+            f"--replay {source}: --dl-mode relative needs positive losses; epoch {at + 1} has {log.train[at]}"
+        )
     print(f"replaying {len(log.train)} epochs of {source}")
     rows = replay_rows(log, controller, source)
     if log.phases is not None:
@@ -138,13 +140,13 @@ def replay_rows(log, controller, source):
         try:
             lr_mult, accumulation = controller.observe(loss, eval_loss)
         except ValueError as e:  # a slope that overflows
-            raise UserError(f"--replay {source}: epoch {epoch}: {e}") from None
+            raise UserError(f"--replay {source}: epoch {epoch + 1}: {e}") from None
         row = {"epoch": epoch, "train_loss": loss, "eval_loss": eval_loss, "dL": controller.dL,
                "phase": controller.phase, "lr_mult": lr_mult, "accumulation": accumulation}  # fmt: skip
         rows.append(row)
         shown = "" if eval_loss is None else f"{eval_loss:.4f}"
         print(
-            f"{epoch:>5}  {loss:10.4f}  {shown:>9}  {controller.dL:+.5f}  {controller.phase:<13}"
+            f"{epoch + 1:>5}  {loss:10.4f}  {shown:>9}  {controller.dL:+.5f}  {controller.phase:<13}"
             f"  {lr_mult:12.2f}  {accumulation:10d}"
         )
     for line in controller.transitions:
@@ -160,4 +162,4 @@ def compare_with_recorded(rows, log, settings):
     recorded = identity(log.config)
     used = [f"{flag(k)} {recorded[k]}" for k in CONTROLLER_DEFAULTS if recorded[k] != settings.controller[k]]
     hint = f"; the run used {' '.join(used)}" if used else ""
-    return f"differs from the recorded phases at epochs {mismatched}{hint}"
+    return f"differs from the recorded phases after epochs {[e + 1 for e in mismatched]}{hint}"

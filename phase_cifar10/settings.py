@@ -105,12 +105,14 @@ class Settings:
     replay: str | None = setting(None, "the controller over a logged loss curve (JSON or CSV)", MODES, PATH)
 
     @classmethod
-    def from_command_line(cls, argv):
+    def from_command_line(cls, argv, prog="phase_controller.py"):
         """The settings of these arguments; UserError for any that break a rule."""
-        given = vars(build_parser().parse_args(argv))  # only the flags that were passed
+        given = vars(build_parser(prog).parse_args(argv))  # only the flags that were passed
         if "seed" in given and ("multi_seed" in given or "seeds" in given):
             raise UserError("--seed runs one seed, --multi-seed/--seeds several: pass one or the other")
         given["multi_seed"] = given.get("multi_seed", False) or "seeds" in given
+        if not given["multi_seed"]:  # the seeds this run trains: its one
+            given["seeds"] = str(given.get("seed", SEED))
         if "warmup_epochs" not in given:  # short smoke runs keep at least one epoch after the warmup
             given["warmup_epochs"] = min(WARMUP_EPOCHS, max(given.get("epochs", EPOCHS) - 1, 0))
         controller = CONTROLLER_DEFAULTS | {k: given.pop(k) for k in CONTROLLER_DEFAULTS if k in given}
@@ -133,7 +135,7 @@ class Settings:
         return {k: v for k, v in self.values().items() if k not in ("resume", "summarize", "replay")}
 
     def seeds_to_run(self):
-        return seeds_in(self.seeds) if self.multi_seed else [self.seed]
+        return seeds_in(self.seeds)
 
 
 # ----- the command line -----
@@ -148,10 +150,10 @@ def flag(name):
     return "--" + name.replace("_", "-")
 
 
-def build_parser():
+def build_parser(prog="phase_controller.py"):
     """The flags, one per setting; a flag not passed is absent from the parsed namespace."""
     parser = OneLineParser(
-        prog="phase_controller.py",
+        prog=prog,
         description="Phase-aware LR control on CIFAR-10: baseline vs phase-aware arms, paired per seed.",
         allow_abbrev=False,  # an abbreviation is a silent trap: --lr would mean --lr-pulse
         argument_default=argparse.SUPPRESS,

@@ -128,7 +128,7 @@ class Arm:
         if bad:
             reason = ", ".join(bad)
             self.record.update(status="diverged", diverged_epoch=epoch, diverged_reason=reason)
-            print(f"seed {self.job.seed} {self.name}: DIVERGED at epoch {epoch} ({reason}); arm stopped")
+            print(f"seed {self.job.seed} {self.name}: DIVERGED in epoch {epoch + 1} ({reason}); arm stopped")
             self.job.progress.skip(self.job.config["epochs"] - epoch)
         return bool(bad)
 
@@ -170,7 +170,7 @@ class Arm:
             ) from None
         self.record, self.next_epoch = record, next_epoch
         self.job.progress.skip(next_epoch)
-        print(f"seed {self.job.seed} {self.name}: resumed after epoch {next_epoch - 1}")
+        print(f"seed {self.job.seed} {self.name}: resumed after epoch {next_epoch}")
         if record["status"] != "ok":  # it diverged before an interruption: nothing left to train
             self.job.progress.skip(self.job.config["epochs"] - next_epoch)
             self.next_epoch = self.job.config["epochs"]
@@ -209,7 +209,7 @@ def job_batches(job, epoch, label):
     """The epoch's training batches, shown on a terminal as they are consumed."""
     batch_size = job.config["batch_size"]
     batches = job.train.train_batches(batch_size, job.seed, epoch)
-    return show_batches(batches, math.ceil(len(job.train) / batch_size), label)
+    return show_batches(batches, math.ceil(len(job.train) / batch_size), label, estimate=job.progress.estimate)
 
 
 def seed_everything(seed):
@@ -335,7 +335,7 @@ def train_control(job, phase_record):
         return train_arm(job, Arm(job, CONTROL, fixed_lr_mult=matched_lr_mult(phase_record, job.config)))
     record = new_record(None, None)
     record.update(
-        status="not_run", reason=f"phase_aware {phase_record['status']} at epoch {phase_record['diverged_epoch']}"
+        status="not_run", reason=f"phase_aware {phase_record['status']} in epoch {phase_record['diverged_epoch'] + 1}"
     )
     print(f"seed {job.seed} control: not run ({record['reason']}; the matched constant needs its whole schedule)")
     job.progress.skip(job.config["epochs"])

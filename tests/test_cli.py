@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import ROOT, TINY, cli, read_json, run_main, write_cifar_folder
 
-from phase_cifar10 import data, launch, settings
+from phase_cifar10 import command_line, data, launch, settings
 
 BAD_ARGUMENTS = [
     (["--epochs", "0"], "--epochs must be an integer in 1..1,000,000, got 0"),
@@ -277,3 +277,16 @@ def test_the_training_module_knows_no_devices_ranks_or_locks():
         for name in [getattr(node, "module", None) or "", *(alias.name for alias in node.names)]
     }
     assert not imported & {"torch.distributed", "launch", "lock_file", "pick_device", "choose_precision", "os"}
+
+
+def test_the_installed_command_names_itself_in_errors_and_in_its_advice(tmp_path, capsys):
+    assert command_line.main(["--epochs", "0"], prog="phase-controller") == 2
+    assert capsys.readouterr().err.startswith("phase-controller: error: --epochs must be")
+    settings_ = settings.Settings.from_command_line(["--output-dir", str(tmp_path)])
+    advice = command_line.what_to_do_next(settings_, ["--output-dir", str(tmp_path)], "phase-controller")
+    assert advice.endswith("nothing to resume: rerun the same command")  # nothing was written yet
+    (tmp_path / "checkpoint_seed_42_baseline.pt").write_bytes(b"")
+    advice = command_line.what_to_do_next(settings_, ["--output-dir", str(tmp_path)], "phase-controller")
+    assert advice.endswith(f"\n  phase-controller --output-dir {tmp_path} --resume")
+    script = command_line.what_to_do_next(settings_, ["--output-dir", str(tmp_path)], "phase_controller.py")
+    assert script.endswith(f"\n  python phase_controller.py --output-dir {tmp_path} --resume")

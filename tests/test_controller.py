@@ -186,8 +186,8 @@ def test_multipliers_never_compound():
 def test_transition_lines_are_readable():
     ctl = controller_in_s2()
     assert len(ctl.transitions) == 2
-    assert ctl.transitions[0].startswith("epoch 2: S0_EXPLORE -> S1_BOUNDARY (dL -0.5000")
-    assert ctl.transitions[1].startswith("epoch 5: S1_BOUNDARY -> S2_AXIS_LOCK")
+    assert ctl.transitions[0].startswith("after epoch 3: S0_EXPLORE -> S1_BOUNDARY (dL -0.5000")
+    assert ctl.transitions[1].startswith("after epoch 6: S1_BOUNDARY -> S2_AXIS_LOCK")
 
 
 # ----- state_dict -----

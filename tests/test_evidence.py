@@ -74,6 +74,14 @@ def test_paired_stats_fields():
     assert evidence.paired_stats({5: 0.5})["std"] is None
 
 
+@pytest.mark.fast
+@pytest.mark.parametrize("deltas", [{1: 0.5}, {1: 0.5, 2: -0.2}])
+def test_fewer_than_three_pairs_get_no_interval_and_no_p_value(deltas):
+    # One pair's exact sign-flip p is 1 and two pairs' at best 0.5; a "95% CI" of one value is a point.
+    s = evidence.paired_stats(deltas)
+    assert s["ci95"] is None and s["p_value"] is None and s["mean"] == pytest.approx(sum(deltas.values()) / len(deltas))
+
+
 # ----- the LR-matched control arm and validation selection -----
 
 
@@ -275,7 +283,7 @@ def test_torchrun_keeps_every_rank_until_the_summary_is_written(tmp_path):
     assert summary["seeds"] == [1, 2] and summary["arms"]["phase_aware"]["status"] == {"1": "diverged", "2": "diverged"}
     assert (tmp_path / "multi_seed_summary.png").exists()
     # Both ranks report both seeds (their lines may interleave on stderr).
-    assert result.stderr.count("error: 2 arm(s) diverged (seed 1 phase_aware at epoch ") == 2
+    assert result.stderr.count("error: 2 arm(s) diverged (seed 1 phase_aware in epoch ") == 2
 
 
 def test_summarize_refuses_shards_with_other_settings(multi_seed_run, tmp_path):
@@ -341,15 +349,18 @@ def test_a_diverged_pair_is_excluded_and_deltas_keep_their_seeds(tmp_path):
     summary, stdout = summarize(tmp_path, results_files)
     comparison = summary["comparisons"]["phase_aware_vs_baseline"]
     assert comparison["pairs"] == 2
-    assert comparison["excluded"] == [{"seed": 2, "reason": "phase_aware diverged at epoch 3"}]
+    assert comparison["excluded"] == [{"seed": 2, "reason": "phase_aware diverged in epoch 4"}]
     final = comparison["final_acc"]
     assert final["per_seed"] == {"1": 1.5, "3": -0.5} and final["mean"] == pytest.approx(0.5)
     assert final["total"] == 2 and final["positive"] == 1
     assert summary["arms"]["phase_aware"]["final_acc"]["per_seed"] == {"1": 51.5, "2": None, "3": 59.5}
     assert summary["arms"]["phase_aware"]["final_acc"]["mean"] == pytest.approx(55.5)
     assert summary["arms"]["baseline"]["final_acc"]["mean"] == pytest.approx(160 / 3)
-    assert "phase_aware_vs_baseline: seed 2 excluded (phase_aware diverged at epoch 3)" in stdout
-    assert "1/2 healthy pairs positive" in stdout
+    assert "phase_aware_vs_baseline: seed 2 excluded (phase_aware diverged in epoch 4)" in stdout
+    assert "phase_aware_vs_baseline final_acc: mean +0.50 points, 1/2 healthy pairs positive" in stdout
+    assert final["ci95"] is None and final["p_value"] is None and "95% CI" not in stdout and "p =" not in stdout
+    assert stdout.count("no interval or p-value: 2 pair(s) cannot tell an effect from seed noise") == 1
+    assert stdout.rstrip().endswith(f"wrote {tmp_path / 'multi_seed_summary.json'} and multi_seed_summary.png")
 
 
 def test_no_healthy_pair_gives_no_statistics(tmp_path):
@@ -414,7 +425,8 @@ def test_single_seed_run_prints_its_criteria(default_run):
     _, results, stdout = default_run
     delta = results["phase_aware"]["final_acc"] - results["baseline"]["final_acc"]
     verdict = "    met" if delta > 0 else "NOT met"
-    assert f"seed 42 criterion [{verdict}] positive delta: final_acc delta {delta:+.2f}%" in stdout
+    assert f"seed 42 criterion [{verdict}] positive delta: final_acc delta {delta:+.2f} points" in stdout
     # The tiny run enters S2 after epoch 3, so its multipliers apply in epochs 4 and 5.
-    assert "seed 42 criterion [    met] s1 to s2 visible: S2 entered at epoch 3, its multipliers applied in 2" in stdout
+    visible = "s1 to s2 visible: S2 entered after epoch 4, its multipliers applied in 2 epoch(s)"
+    assert f"seed 42 criterion [    met] {visible}" in stdout
     assert "seed 42 criterion [    met] lr departs only after detection" in stdout

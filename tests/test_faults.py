@@ -62,6 +62,16 @@ def test_interrupt_stops_cleanly_with_a_resume_hint(tmp_path, sig):
     assert torch.load(tmp_path / "checkpoint_seed_42_baseline.pt", weights_only=True)["next_epoch"] in (1, 2)
 
 
+def test_ctrl_c_in_the_first_epoch_says_there_is_nothing_to_resume(tmp_path, monkeypatch):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train_epoch", interrupted)
+    code, _, stderr = run_main([*RUN, "--output-dir", tmp_path])
+    assert code == 130 and "no epoch was completed, so there is nothing to resume" in stderr
+    assert "--resume" not in stderr and "checkpointed" not in stderr
+
+
 def interrupt_after(monkeypatch, epochs):
     """Raise KeyboardInterrupt, as Ctrl-C would, once `epochs` epochs have been logged."""
     original, logged = training.log_epoch, []
@@ -200,7 +210,7 @@ def test_divergence_stops_the_arm_and_the_other_seeds_go_on(tmp_path):
     argv = [*TINY, "--lr-pulse", "100000", "--control", "lr-matched", "--multi-seed", "--seeds", "1,2"]
     code, stdout, stderr = run_main([*argv, "--output-dir", tmp_path])
     assert code == 1
-    assert stderr.count("\n") == 1 and stderr.startswith("error: 2 arm(s) diverged (seed 1 phase_aware at epoch ")
+    assert stderr.count("\n") == 1 and stderr.startswith("error: 2 arm(s) diverged (seed 1 phase_aware in epoch ")
     for seed in (1, 2):
         results = read_json(tmp_path / f"results_seed_{seed}.json")
         assert results["baseline"]["status"] == "ok" and len(results["baseline"]["per_epoch"]["eval_acc"]) == 5
@@ -210,10 +220,10 @@ def test_divergence_stops_the_arm_and_the_other_seeds_go_on(tmp_path):
         assert len(phase["per_epoch"]["eval_acc"]) == diverged  # the healthy epochs before it
         assert phase["best_acc"] == max(phase["per_epoch"]["eval_acc"])
         control = results["control"]
-        assert control["status"] == "not_run" and control["reason"] == f"phase_aware diverged at epoch {diverged}"
+        assert control["status"] == "not_run" and control["reason"] == f"phase_aware diverged in epoch {diverged + 1}"
         assert control["best_acc"] is None and control["per_epoch"]["eval_acc"] == []
         assert results["delta_final_acc"] is None and results["delta_final_acc_vs_control"] is None
-        assert f"seed {seed} control: not run (phase_aware diverged at epoch {diverged}" in stdout
+        assert f"seed {seed} control: not run (phase_aware diverged in epoch {diverged + 1}" in stdout
         assert (tmp_path / f"figure_seed_{seed}.png").exists()
     summary = read_json(tmp_path / "multi_seed_summary.json")
     assert summary["arms"]["phase_aware"]["status"] == {"1": "diverged", "2": "diverged"}

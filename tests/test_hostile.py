@@ -368,7 +368,7 @@ def test_an_unpack_a_kill_left_behind_is_removed_by_the_next_run(tmp_path, monke
         ("deep.json", "[" * 50_000 + "]" * 50_000, "nested too deeply"),
         ("huge.json", f"[1.0, {10**400}]", "item 1 of the list is 1000"),
         ("wide.csv", "train_loss\n" + "1" * 200_000 + "\n", "not CSV this program reads (field larger than field"),
-        ("overflow.json", "[1e308, -1e308, 1e308, -1e308]", "epoch 1: dL of train_loss -1e+308 overflows"),
+        ("overflow.json", "[1e308, -1e308, 1e308, -1e308]", "epoch 2: dL of train_loss -1e+308 overflows"),
     ],
 )
 def test_a_hostile_replay_log_is_one_line(tmp_path, name, content, message):
@@ -417,16 +417,32 @@ def files_left(folder):
     ],
 )
 def test_running_out_of_memory_is_one_line_a_bug_keeps_its_traceback(tmp_path, monkeypatch, error, one_line):
-    def fails(*args):
-        raise error
+    calls, train_epoch = [], training.train_epoch
 
-    monkeypatch.setattr(training, "train_epoch", fails)
+    def fails_in_the_second_epoch(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise error
+        return train_epoch(*args)
+
+    monkeypatch.setattr(training, "train_epoch", fails_in_the_second_epoch)
     if not one_line:
         with pytest.raises(type(error)):
             run_main([*RUN, "--output-dir", tmp_path])
         return
     code, _, stderr = run_main([*RUN, "--output-dir", tmp_path])
-    assert code == 2 and stderr.startswith("phase_controller.py: error: out of memory") and "--resume" in stderr
+    assert code == 2 and stderr.startswith("phase_controller.py: error: out of memory")
+    assert "every completed epoch is checkpointed" in stderr and "--resume" in stderr
+
+
+def test_out_of_memory_in_the_first_epoch_says_there_is_nothing_to_resume(tmp_path, monkeypatch):
+    def fails(*args):
+        raise MemoryError
+
+    monkeypatch.setattr(training, "train_epoch", fails)
+    code, _, stderr = run_main([*RUN, "--output-dir", tmp_path])
+    one_line_error(code, stderr, "out of memory", "no epoch was completed, so there is nothing to resume")
+    assert "--resume" not in stderr
 
 
 def test_under_torchrun_a_bad_checkpoint_on_one_rank_stops_every_rank_before_training(tmp_path):

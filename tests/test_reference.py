@@ -62,7 +62,7 @@ def test_readme_table_matches_the_seed_file(seed):
     cells = readme_rows()[str(seed)]
     assert cells[:5] == accuracy_cells(results)
     transitions = results["phase_aware"]["transition_epochs"]
-    assert cells[5] == f"epoch {transitions['S1']}" and "S2" not in transitions
+    assert cells[5] == f"after epoch {transitions['S1'] + 1}" and "S2" not in transitions
 
 
 def test_readme_mean_row_matches_the_summary():
@@ -97,4 +97,4 @@ def test_default_table_matches_the_seed_file(seed):
     cells = default_rows()[seed]
     assert cells[:5] == accuracy_cells(results)
     transitions = results["phase_aware"]["transition_epochs"]
-    assert cells[5:7] == [f"epoch {transitions[s]}" if s in transitions else "never" for s in ("S1", "S2")]
+    assert cells[5:7] == [f"after epoch {transitions[s] + 1}" if s in transitions else "never" for s in ("S1", "S2")]

@@ -26,7 +26,7 @@ def test_replay_of_a_results_file_reproduces_its_phases(default_run, tmp_path):
     assert replayed["transition_epochs"] == phase["transition_epochs"]
     assert (tmp_path / "replay_results_seed_42.png").read_bytes()[:4] == b"\x89PNG"
     code, stdout, _ = run_main(["--replay", out / "results_seed_42.json", "--output-dir", tmp_path])
-    assert code == 0 and "differs from the recorded phases at epochs" in stdout  # other thresholds
+    assert code == 0 and "differs from the recorded phases after epochs" in stdout  # other thresholds
     assert "the run used --s2-threshold 1.0 --s3-patience 1" in stdout
 
 
@@ -36,7 +36,7 @@ def test_replay_of_a_json_list(tmp_path):
     path = tmp_path / "losses.json"
     path.write_text(json.dumps(losses))
     code, stdout, _ = run_main(["--replay", path, "--output-dir", tmp_path])
-    assert code == 0 and "transition epoch 2: S0_EXPLORE -> S1_BOUNDARY" in stdout
+    assert code == 0 and "transition after epoch 3: S0_EXPLORE -> S1_BOUNDARY" in stdout
     replayed = read_json(tmp_path / "replay_losses.json")
     assert [row["phase"] for row in replayed["per_epoch"]] == [S0, S0, S1, S1, S1, S1, S1, S2, S2]
     assert replayed["per_epoch"][-1]["lr_mult"] == 0.5 and replayed["per_epoch"][-1]["accumulation"] == 2
@@ -137,7 +137,7 @@ def test_replay_of_a_zero_loss_with_a_relative_slope_is_one_line(tmp_path):
     path = tmp_path / "zero.json"
     path.write_text("[1.0, 0.5, 0.0]")
     code, _, stderr = run_main(["--replay", path, "--dl-mode", "relative", "--output-dir", tmp_path / "out"])
-    assert code == 2 and stderr.count("\n") == 1 and "epoch 2 has 0.0" in stderr
+    assert code == 2 and stderr.count("\n") == 1 and "epoch 3 has 0.0" in stderr
     assert not (tmp_path / "out").exists()
 
 

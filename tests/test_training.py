@@ -2,15 +2,19 @@
 
 import copy
 import math
+import re
+import tomllib
 from contextlib import nullcontext
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import TINY, read_json, run_main
+from helpers import ROOT, TINY, read_json, run_main
 
-from phase_cifar10 import data, launch, loader, model, training
+import phase_cifar10
+import phase_controller
+from phase_cifar10 import data, figures, launch, loader, model, training
 
 # ----- gradient accumulation -----
 
@@ -114,6 +118,11 @@ def test_outputs_and_their_keys(default_run):
     assert flags | {"torch_version", "model_params", "precision", "memory_format"} <= set(config)
     assert config["dataset"] == "synthetic" and config["precision"] == "fp32" and config["device"] == "cpu"
     assert config["tf32"] is False  # fp32 means IEEE fp32, also where a GPU would offer TF32
+    assert config["seeds"] == "42" and not config["multi_seed"]  # the seeds this run trained: its one
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "phase_cifar10.__version__"}
+    assert config["version"] == phase_cifar10.__version__
+    assert config["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", config["git_commit"])
     assert config["model_params"] == sum(p.numel() for p in model.CifarResNet(config["width"]).parameters())
     assert set(results) == {"config", "baseline", "phase_aware", "delta_best_acc", "delta_final_acc"}
     per_epoch = ["train_loss", "train_acc", "eval_loss", "eval_acc", "lr", "steps", "train_seconds", "eval_seconds"]
@@ -176,12 +185,19 @@ def test_arms_are_bit_identical_until_the_multipliers_differ(default_run):
         assert base["train_loss"][epoch] != phase["train_loss"][epoch]
 
 
+def test_the_console_says_where_it_writes_first_and_what_it_wrote_last(default_run):
+    out, _, stdout = default_run
+    lines = stdout.splitlines()
+    assert lines[0].endswith(f"writing to {out}")
+    assert lines[-1] == f"seed 42: wrote {out / 'results_seed_42.json'} and figure_seed_42.png"
+
+
 def test_one_progress_line_per_epoch_per_arm(default_run):
     _, _, stdout = default_run
     lines = [line for line in stdout.splitlines() if " epoch " in line and "ETA" in line]
     assert len(lines) == 12
     assert sum("phase_aware" in line and "accum" in line for line in lines) == 6
-    assert "S0_EXPLORE -> S1_BOUNDARY" in stdout
+    assert "seed 42 transition after epoch 3: S0_EXPLORE -> S1_BOUNDARY" in stdout  # counted from 1
 
 
 def test_channels_last_path_trains_too(tmp_path):
@@ -270,3 +286,15 @@ def test_base_schedule_without_warmup():
 def test_base_schedule_defaults():
     assert model.base_lr_at(0) == pytest.approx(model.BASE_LR / model.WARMUP_EPOCHS)
     assert model.base_lr_at(model.EPOCHS - 1) > 0
+
+
+def test_the_seed_figure_lists_only_the_phases_in_force_and_when_each_was_detected():
+    S0, S1, S2, _ = phase_controller.PHASES
+    # Phases after epochs 1..4; epoch e trains at the phase held after epoch e-1, the first at S0.
+    assert figures.phases_in_force([S0, S1, S1, S2]) == [S0, S0, S1, S1]
+    labels = [h.get_label() for h in figures.phase_handles([S0, S1, S1, S2], {"S1": 1, "S2": 3})]
+    assert labels == [
+        "S0_EXPLORE in force",
+        "S1_BOUNDARY in force",
+        "detected (S1 after epoch 2, S2 after epoch 4); in force from the next epoch",
+    ]
