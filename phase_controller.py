@@ -1,12 +1,10 @@
 """Phase-aware learning-rate control: PhaseController and PhaseScheduler, for any PyTorch loop.
 
 A PhaseController watches dL, the smoothed per-epoch change of the training loss, and walks through
-four phases: explore, boundary, axis lock, polish. Each phase asks the next epoch for a learning-rate
+four phases: explore, boundary, axis lock, polish. Each asks the next epoch for a learning-rate
 multiplier and a gradient accumulation (the effective batch), from the one phase table below.
-PhaseScheduler puts that multiplier on top of any torch LR scheduler; their examples are doctests.
-
-This file needs torch only. Run as a script it is the CIFAR-10 experiment's command line (the
-package phase_cifar10 beside it): `python phase_controller.py --help`.
+PhaseScheduler puts that multiplier on top of any torch LR scheduler. Needs torch only; run as a
+script it is the CIFAR-10 experiment beside it (`python phase_controller.py --help`).
 """
 
 import copy
@@ -16,18 +14,15 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-__all__ = [
-    "PHASES", "S0_EXPLORE", "S1_BOUNDARY", "S2_AXIS_LOCK", "S3_POLISH",
-    "Recommendation", "phase_table", "dL_of", "PhaseController", "PhaseScheduler",
-]  # fmt: skip
+__all__ = ["PHASES", "S0_EXPLORE", "S1_BOUNDARY", "S2_AXIS_LOCK", "S3_POLISH", "Recommendation", "phase_table",
+           "dL_of", "PhaseController", "PhaseScheduler"]  # fmt: skip
 
 EVAL_MIN_DELTA = 1e-4  # an eval loss must beat the best by this much to count as progress
 
 
 def dL_of(losses, dl_window=3, dl_mode="absolute"):
-    """dL of a loss curve of n losses: the mean of its last w = min(dl_window, n-1) first
-    differences, which telescopes to (L[n-1] - L[n-1-w]) / w; 0 before two losses. dl_mode
-    "relative" divides it by the latest loss."""
+    """dL of n losses: the mean of the last w = min(dl_window, n-1) first differences, (L[n-1] - L[n-1-w]) / w;
+    0 before two losses. dl_mode "relative" divides it by the latest loss."""
     dl_window, n = _count("dl_window", dl_window), len(losses)
     if n < 2:
         return 0.0
@@ -70,19 +65,16 @@ class PhaseController:
                                       that entered it) without beating the best by 1e-4
         S3_POLISH is final.
 
-    It decides on the losses it is given and knows nothing of processes: under DDP pass a loss every
-    rank agrees on (PhaseScheduler averages over ranks for you).
+    It knows nothing of processes: under DDP give it a loss every rank agrees on (PhaseScheduler does).
 
-    Args:
+    Args (the defaults are the original's settings; state_dict() holds them and every counter):
         s1_threshold: dL below this ends exploration. Default: -0.02.
         s2_threshold: |dL| below this locks the axis. Default: 0.005.
         lr_pulse: the LR multiplier in S1_BOUNDARY. Default: 1.1.
         grad_accum: the accumulation S2 and S3 ask for. Default: 2.
         s3_patience: stale evaluations in S2 before S3. Default: 5.
         dl_window: first differences averaged into dL. Default: 3.
-        dl_mode: "absolute" (the original) takes dL in loss units per epoch, so the thresholds mean
-            different things at a loss of 2.0 and of 0.05; "relative" divides dL by the latest loss,
-            so the thresholds are fractions of the loss per epoch. Default: "absolute".
+        dl_mode: "absolute" (dL in loss units per epoch) or "relative" (dL / latest loss). Default: "absolute".
 
     Example:
         >>> controller = PhaseController(s1_threshold=-0.05)
@@ -90,13 +82,10 @@ class PhaseController:
         [1.0, 1.0, 1.1, 1.1]
         >>> controller.transition_epochs
         {'S1': 2}
-
-    Like torch's ReduceLROnPlateau, all state (settings and counters) is in state_dict().
     """
 
     SETTINGS = ("s1_threshold", "s2_threshold", "lr_pulse", "grad_accum", "s3_patience", "dl_window", "dl_mode")
 
-    # The defaults are the original's settings.
     def __init__(
         self, s1_threshold=-0.02, s2_threshold=0.005, lr_pulse=1.1, grad_accum=2, s3_patience=5, dl_window=3,
         dl_mode="absolute",
@@ -107,12 +96,13 @@ class PhaseController:
         self.s2_threshold = _finite("s2_threshold", s2_threshold)
         if not self.s2_threshold >= 0:
             raise ValueError(f"s2_threshold must be >= 0, got {s2_threshold}")
-        self.lr_pulse = _positive("lr_pulse", lr_pulse)
+        self.lr_pulse = _finite("lr_pulse", lr_pulse, positive=True)
         self.grad_accum = _count("grad_accum", grad_accum)
         self.s3_patience = _count("s3_patience", s3_patience)
         self.dl_window = _count("dl_window", dl_window)
         self.dl_mode = dl_mode
-        self.losses = []  # every training loss observed
+        self.recent_losses = []  # the last dl_window + 1 training losses: all that dL needs
+        self.epochs_seen = 0  # training losses observed
         self.dL = 0.0
         self.phase = S0_EXPLORE
         self.best_eval = math.inf  # best eval loss seen in S2
@@ -122,7 +112,7 @@ class PhaseController:
 
     def __repr__(self):
         settings = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.SETTINGS)
-        return f"PhaseController(phase={self.phase}, dL={self.dL:+.5f}, epochs_seen={len(self.losses)}, {settings})"
+        return f"PhaseController(phase={self.phase}, dL={self.dL:+.5f}, epochs_seen={self.epochs_seen}, {settings})"
 
     def recommendation(self):
         """What the current phase asks of the next epoch."""
@@ -131,17 +121,15 @@ class PhaseController:
     def observe(self, train_loss, eval_loss=None):
         """Take one epoch's mean training loss (and eval loss); return the next epoch's Recommendation."""
         train_loss = _finite("train_loss", train_loss)
-        if eval_loss is not None:
-            eval_loss = _finite("eval_loss", eval_loss)
+        eval_loss = None if eval_loss is None else _finite("eval_loss", eval_loss)
         if self.dl_mode == "relative" and not train_loss > 0:
             raise ValueError(f"a relative dL needs positive training losses, got {train_loss}")
-        self.losses.append(train_loss)
-        dL = dL_of(self.losses, self.dl_window, self.dl_mode)
+        losses = [*self.recent_losses, train_loss][-(self.dl_window + 1) :]
+        dL = dL_of(losses, self.dl_window, self.dl_mode)
         if not math.isfinite(dL):  # finite losses near the float limit whose difference is not
-            self.losses.pop()
             raise ValueError(f"dL of train_loss {train_loss} overflows to {dL}: losses this large are not a loss curve")
-        self.dL = dL
-        if self.phase == S0_EXPLORE and len(self.losses) >= 3 and self.dL < self.s1_threshold:
+        self.recent_losses, self.epochs_seen, self.dL = losses, self.epochs_seen + 1, dL
+        if self.phase == S0_EXPLORE and self.epochs_seen >= 3 and self.dL < self.s1_threshold:
             self._enter(S1_BOUNDARY, f"dL {self.dL:+.4f} < s1_threshold {self.s1_threshold:+.4f}")
         elif self.phase == S1_BOUNDARY and abs(self.dL) < self.s2_threshold:
             self._enter(S2_AXIS_LOCK, f"|dL| {abs(self.dL):.4f} < s2_threshold {self.s2_threshold:.4f}")
@@ -155,73 +143,67 @@ class PhaseController:
         return self.recommendation()
 
     def _enter(self, phase, reason):
-        self.transitions.append(f"after epoch {len(self.losses)}: {self.phase} -> {phase} ({reason})")
-        self.transition_epochs[phase[:2]] = len(self.losses) - 1
+        self.transitions.append(f"after epoch {self.epochs_seen}: {self.phase} -> {phase} ({reason})")
+        self.transition_epochs[phase[:2]] = self.epochs_seen - 1
         self.phase = phase
 
     def metrics(self):
         """The state as flat numbers and short strings, for any logger (TensorBoard, W&B, Lightning)."""
         lr_mult, accumulation = self.recommendation()
         return {"phase": self.phase, "phase_index": PHASES.index(self.phase), "dL": self.dL,
-                "lr_mult": lr_mult, "accumulation": accumulation, "epochs_seen": len(self.losses)}  # fmt: skip
+                "lr_mult": lr_mult, "accumulation": accumulation, "epochs_seen": self.epochs_seen}  # fmt: skip
 
     def state_dict(self):
         return copy.deepcopy(self.__dict__)
 
     def load_state_dict(self, state_dict):
-        """Load a state_dict() after checking every entry; on failure the controller is unchanged."""
+        """Load a state_dict() after checking every entry, and that they can follow from observing
+        losses with its settings; on failure the controller is unchanged."""
         if not isinstance(state_dict, dict) or set(state_dict) != set(self.__dict__):
             keys = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
             raise ValueError(f"not a PhaseController state_dict: expected keys {sorted(self.__dict__)}, got {keys}")
         loaded = PhaseController(**{key: state_dict[key] for key in self.SETTINGS})
-        losses, phase, stale = state_dict["losses"], state_dict["phase"], state_dict["stale"]
-        transitions, epochs = state_dict["transitions"], state_dict["transition_epochs"]
-        checks = [
-            (isinstance(losses, list), "losses must be a list"),
-            (phase in PHASES, f"phase must be one of {PHASES}, got {phase!r}"),
-            (isinstance(stale, int) and not isinstance(stale, bool) and stale >= 0, "stale must be an integer >= 0"),
-            (isinstance(transitions, list) and all(isinstance(t, str) for t in transitions), "transitions: strings"),
-            (isinstance(epochs, dict) and all(k in [p[:2] for p in PHASES[1:]] and type(e) is int
-                                              and 0 <= e < len(losses) for k, e in epochs.items()),
-             "transition_epochs: phase -> seen epoch"),
-        ]  # fmt: skip
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"PhaseController state_dict: {message}")
-        loaded.losses = [_finite("losses", loss) for loss in losses]
-        loaded.dL, loaded.best_eval = _finite("dL", state_dict["dL"]), _number("best_eval", state_dict["best_eval"])
-        loaded.phase, loaded.stale = phase, stale
-        loaded.transitions, loaded.transition_epochs = list(transitions), dict(epochs)
+        loaded.__dict__.update(copy.deepcopy({k: v for k, v in state_dict.items() if k not in self.SETTINGS}))
+        if problem := loaded._inconsistency():
+            raise ValueError(f"PhaseController state_dict: {problem}")
         self.__dict__.update(loaded.__dict__)
+
+    def _inconsistency(self):
+        """What in this state cannot follow from observing losses with these settings, or None."""
+        seen, phase, epochs, best = self.epochs_seen, self.phase, self.transition_epochs, self.best_eval
+        if type(seen) is not int or seen < 0 or phase not in PHASES or not isinstance(epochs, dict):
+            return "epochs_seen must be an integer >= 0, phase one of PHASES, transition_epochs a dict"
+        entered, late = [p[:2] for p in PHASES[1 : PHASES.index(phase) + 1]], PHASES.index(phase) >= 2
+        at = [epochs.get(key) for key in entered]
+        checks = {
+            "recent_losses: the last dl_window + 1 losses": isinstance(self.recent_losses, list)
+            and len(self.recent_losses) == min(seen, self.dl_window + 1) and all(map(_is_finite, self.recent_losses)),
+            "dL must be finite": _is_finite(self.dL),
+            "stale: stale evaluations in S2": type(self.stale) is int and self.stale >= 0 and (late or not self.stale),
+            "best_eval: the best in S2, else inf": _is_finite(best) and late or best == math.inf,
+            "transitions: a line per phase entered": isinstance(self.transitions, list)
+            and len(self.transitions) == len(entered) and all(isinstance(t, str) for t in self.transitions),
+            "transition_epochs: each phase entered, at increasing epochs seen": sorted(epochs) == entered
+            and all(type(e) is int for e in at) and at == sorted(set(at)) and all(0 <= e < seen for e in at),
+        }  # fmt: skip
+        return next((problem for problem, ok in checks.items() if not ok), None)
 
 
 class PhaseScheduler(torch.optim.lr_scheduler.LRScheduler):
     """A PhaseController's LR multiplier on top of any torch LR scheduler, never compounding.
 
-    After every call each group's LR is the base scheduler's own, unscaled LR times the multiplier:
-    the unscaled LRs are put back before each base step, so recursive schedulers (ExponentialLR)
-    compute from their own values. Construction steps nothing, unlike torch's own schedulers. It is
-    a torch LRScheduler (Lightning and the HF Trainer accept it): base_lrs are the LRs at
-    construction, last_epoch counts step() calls, get_last_lr() gives the LRs applied now.
-
-    Accumulation: with a per-batch base schedule, call step() after every micro-batch, also those
-    that end in no optimizer step. The base schedule then advances with the data seen, whatever
-    accumulation the controller recommends, and ends where it would without accumulation; each
-    optimizer step uses the LR in force at its last micro-batch.
-
-    Many processes: when torch.distributed is initialised, observe() is a collective that replaces
-    each loss by its plain mean over the ranks (every rank alike, not by its samples), so every rank
-    decides the same phase at the same epoch. To weigh otherwise, reduce yourself: sync_ranks=False.
+    Each group's LR is the base scheduler's own, unscaled LR (from which it steps) times the multiplier.
+    Construction steps nothing. With a per-batch base, step() after every micro-batch, also those that
+    end in no optimizer step. Under torch.distributed observe() is a collective: each loss becomes its
+    mean over the ranks, so every rank decides alike. Details in docs/library.md.
 
     Args:
         optimizer: the wrapped optimizer.
         controller: a PhaseController, or None for a constant multiplier (fixed_lr_mult).
         base: the base LR scheduler, bound to the same optimizer; None keeps the optimizer's LRs at
             construction as a constant base.
-        fixed_lr_mult: the multiplier without a controller; observe() then returns
-            Recommendation(fixed_lr_mult, 1). Default: 1.0.
-        sync_ranks: average the losses over the ranks when torch.distributed is initialised.
-            Default: True.
+        fixed_lr_mult: the multiplier without a controller, at accumulation 1. Default: 1.0.
+        sync_ranks: average the losses over the ranks when torch.distributed is initialised. Default: True.
         process_group: the group to average over; None for the default (world) group.
 
     Example:
@@ -251,18 +233,21 @@ class PhaseScheduler(torch.optim.lr_scheduler.LRScheduler):
         self.sync_ranks, self.process_group = bool(sync_ranks), process_group
         self.base_lrs = [group.setdefault("initial_lr", group["lr"]) for group in optimizer.param_groups]
         self.last_epoch, self._step_count = 0, 1  # as torch's schedulers leave them after construction
-        self.fixed = Recommendation(_positive("fixed_lr_mult", fixed_lr_mult), 1)
+        self.fixed = Recommendation(_finite("fixed_lr_mult", fixed_lr_mult, positive=True), 1)
         self.lr_mult, self.accumulation = controller.recommendation() if controller is not None else self.fixed
         self.unscaled_lrs = [group["lr"] for group in optimizer.param_groups]  # the base scheduler's own
         self._apply()
 
     def __repr__(self):
-        base = "constant" if self.base is None else type(self.base).__name__
-        return (f"PhaseScheduler(lr_mult={self.lr_mult}, accumulation={self.accumulation}, "
-                f"last_lr={self.get_last_lr()}, base={base}, controller={self.controller!r})")  # fmt: skip
+        shown = f"lr_mult={self.lr_mult}, accumulation={self.accumulation}, last_lr={self.get_last_lr()}"
+        return f"PhaseScheduler({shown}, base={type(self.base).__name__}, controller={self.controller!r})"
 
     def _apply(self, lr_mult=None):
         """Each group's LR: its unscaled LR times lr_mult (the current multiplier when None)."""
+        if (groups := len(self.optimizer.param_groups)) != len(self.unscaled_lrs):  # add_param_group since
+            raise ValueError(
+                f"an optimizer of {groups} param groups, not {len(self.unscaled_lrs)}: build this after add_param_group"
+            )
         lr_mult = self.lr_mult if lr_mult is None else lr_mult
         for group, unscaled in zip(self.optimizer.param_groups, self.unscaled_lrs, strict=True):
             group["lr"] = unscaled * lr_mult
@@ -272,16 +257,22 @@ class PhaseScheduler(torch.optim.lr_scheduler.LRScheduler):
         """Advance the base scheduler (arguments pass through, e.g. ReduceLROnPlateau's metric)."""
         if self.base is not None:
             self._apply(1.0)  # the base steps from its own, unscaled LRs
-            self.base.step(*args, **kwargs)
+            before = self.base.state_dict()
+            try:
+                self.base.step(*args, **kwargs)
+            except BaseException:  # a base that refuses (a missing metric, a cycle past its end) leaves all as it was
+                self.base.load_state_dict(before)
+                self._apply()
+                raise
             self.unscaled_lrs = [group["lr"] for group in self.optimizer.param_groups]
-        self.last_epoch += 1
-        self._step_count += 1
+        self.last_epoch, self._step_count = self.last_epoch + 1, self._step_count + 1
         self._apply()
 
     def observe(self, train_loss, eval_loss=None):
         """One epoch's losses to the controller; its multiplier applies from the next optimizer step."""
         if self.controller is None:
             return self.fixed
+        self._apply()  # refuses an optimizer grown since construction before the controller moves
         if self.sync_ranks and dist.is_available() and dist.is_initialized():
             train_loss, eval_loss = self._mean_over_ranks(train_loss, eval_loss)
         recommendation = self.controller.observe(train_loss, eval_loss)
@@ -302,8 +293,7 @@ class PhaseScheduler(torch.optim.lr_scheduler.LRScheduler):
             raise ValueError(f"eval_loss was given on {int(eval_count)} of {world} ranks: give it on all or none")
         return train_sum / world, eval_sum / world if eval_count else None
 
-    def get_lr(self):
-        """The LRs in force: the base's unscaled LRs times the current multiplier."""
+    def get_lr(self):  # the LRs in force: the base's unscaled LRs times the current multiplier
         return [unscaled * self.lr_mult for unscaled in self.unscaled_lrs]
 
     def get_last_lr(self):
@@ -312,8 +302,7 @@ class PhaseScheduler(torch.optim.lr_scheduler.LRScheduler):
 
     def metrics(self):
         """The controller's metrics() (or the fixed multiplier's) plus the LR of each param group."""
-        numbers = self.controller.metrics() if self.controller is not None else {
-            "lr_mult": self.lr_mult, "accumulation": self.accumulation}  # fmt: skip
+        numbers = self.controller.metrics() if self.controller else {"lr_mult": self.lr_mult, "accumulation": 1}
         return numbers | {f"lr_group_{i}": lr for i, lr in enumerate(self.get_last_lr())}
 
     def state_dict(self):
@@ -328,36 +317,55 @@ class PhaseScheduler(torch.optim.lr_scheduler.LRScheduler):
         }
 
     def load_state_dict(self, state_dict):
-        """Load a state_dict() after checking it; on failure the scheduler is unchanged."""
-        if not isinstance(state_dict, dict) or set(state_dict) != set(keys := self.state_dict()):
-            raise ValueError(f"not a PhaseScheduler state_dict: expected keys {sorted(keys)}")
-        groups, names = len(self.optimizer.param_groups), ("unscaled_lrs", "base_lrs")
-        if not all(isinstance(state_dict[name], list) and len(state_dict[name]) == groups for name in names):
-            raise ValueError(f"PhaseScheduler state_dict: {' and '.join(names)} need one LR per param group")
-        unscaled, base_lrs = ([_finite(name, lr) for lr in state_dict[name]] for name in names)
-        lr_mult, accumulation = _positive("lr_mult", state_dict["lr_mult"]), state_dict["accumulation"]
-        accumulation = _count("accumulation", accumulation)
-        last_epoch = _count("last_epoch", state_dict["last_epoch"], minimum=0)
+        """Load the state_dict() of a scheduler built like this one (a base or none, a controller or
+        none, the same fixed multiplier and param groups) after checking it; on failure this
+        scheduler, its base and its controller are unchanged."""
+        expected = self.state_dict()
+        if not isinstance(state_dict, dict) or set(state_dict) != set(expected):
+            raise ValueError(f"not a PhaseScheduler state_dict: expected keys {sorted(expected)}")
+        for part in ("base", "controller"):  # built alike: with a base (a controller) or without
+            if (state_dict[part] is None) != (expected[part] is None):
+                built = "without" if expected[part] is None else "with"
+                raise ValueError(
+                    f"PhaseScheduler state_dict: this one was built {built} a {part}, unlike the one saved"
+                )
+        keys = ("unscaled_lrs", "base_lrs", "lr_mult", "accumulation", "last_epoch")
+        unscaled, base_lrs, lr_mult, accumulation, epoch = (state_dict[key] for key in keys)
+        base_state, groups = state_dict["base"], len(self.optimizer.param_groups)
+        base_lr = base_state.get("_last_lr", unscaled) if isinstance(base_state, dict) else self.unscaled_lrs
+        checks = {
+            "unscaled_lrs and base_lrs: a finite LR per param group": all(
+                isinstance(x, list) and len(x) == groups and all(map(_is_finite, x)) for x in (unscaled, base_lrs)
+            ),
+            "lr_mult > 0, accumulation and last_epoch integers": _is_finite(lr_mult) and lr_mult > 0
+            and type(accumulation) is int and accumulation >= 1 and type(epoch) is int and epoch >= 0,
+            f"without a controller, the fixed {tuple(self.fixed)}": self.controller is not None
+            or (lr_mult, accumulation) == self.fixed,
+            "unscaled_lrs: the base's own LRs": unscaled == base_lr,
+        }  # fmt: skip
+        if problem := next((problem for problem, ok in checks.items() if not ok), None):
+            raise ValueError(f"PhaseScheduler state_dict: {problem}")
         # Base and controller load last, restored to their own state if either refuses.
         saved = [(part, part.state_dict()) for part in (self.base, self.controller) if part is not None]
         try:
             if self.base is not None:
-                self.base.load_state_dict(state_dict["base"])
+                self.base.load_state_dict(base_state)
             if self.controller is not None:
                 self.controller.load_state_dict(state_dict["controller"])
+                if (lr_mult, accumulation) != self.controller.recommendation():
+                    raise ValueError(f"PhaseScheduler state_dict: {lr_mult, accumulation} is not what its phase asks")
         except Exception:
             for part, state in saved:
                 part.load_state_dict(state)
             raise
         self.lr_mult, self.accumulation, self.unscaled_lrs, self.base_lrs = lr_mult, accumulation, unscaled, base_lrs
-        self.last_epoch, self._step_count = last_epoch, last_epoch + 1
+        self.last_epoch, self._step_count = epoch, epoch + 1
         self._apply()
 
 
 def _number(name, value):
     """value as a float: a Python, numpy or one-element torch number, never a bool or a string."""
-    is_bool = isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool")
-    if not (is_bool or isinstance(value, str | bytes) or value is None):
+    if not (isinstance(value, bool | str | bytes) or value is None or "bool" in str(getattr(value, "dtype", ""))):
         try:
             return float(value)
         except OverflowError:  # an int beyond the float range
@@ -367,33 +375,26 @@ def _number(name, value):
     raise TypeError(f"{name} must be a number, got {value!r}")
 
 
-def _finite(name, value):
-    if not math.isfinite(value := _number(name, value)):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
+def _is_finite(value):
+    return isinstance(value, int | float) and not isinstance(value, bool) and abs(value) <= 1.7976931348623157e308
 
 
-def _positive(name, value):
-    if not (value := _finite(name, value)) > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
+def _finite(name, value, positive=False):
+    """value as a finite float (and > 0 if positive), else ValueError or TypeError naming it."""
+    if not math.isfinite(value := _number(name, value)) or positive and not value > 0:
+        raise ValueError(f"{name} must be {'> 0' if positive else 'finite'}, got {value}")
     return value
 
 
 def _count(name, value, minimum=1):
-    """A whole number >= minimum (an int, or a float or numpy number that equals one)."""
-    if type(value) is int:  # of any size: no float involved
-        whole = value
-    else:
-        number = _number(name, value)
-        whole = int(number) if math.isfinite(number) and number == int(number) else None
-    if whole is None or whole < minimum:
+    """A whole number >= minimum (an int of any size, or a float or numpy number that equals one)."""
+    number = value if type(value) is int else _number(name, value)
+    if not ((type(number) is int or math.isfinite(number) and number == int(number)) and number >= minimum):
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
-    return whole
+    return int(number)
 
 
 if __name__ == "__main__":  # the CIFAR-10 experiment, which imports this file anew as phase_controller
-    import sys
-
     from phase_cifar10 import main
 
-    sys.exit(main(prog="phase_controller.py"))
+    raise SystemExit(main(prog="phase_controller.py"))

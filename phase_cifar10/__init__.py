@@ -18,6 +18,7 @@ The mechanism itself is phase_controller.py, which needs torch only; this packag
 matplotlib (`pip install ".[demo]"`).
 """
 
+import os
 import signal
 import sys
 
@@ -28,6 +29,9 @@ def main(argv=None, prog="phase-controller"):
     """The `phase-controller` command and `python phase_controller.py`; returns the exit code."""
     # A cluster's preemption (SIGTERM) stops a run as cleanly as Ctrl-C does, from the first moment.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    if hasattr(sys.stderr, "reconfigure"):  # a file name that is not UTF-8 stays printable
+        sys.stderr.reconfigure(errors="backslashreplace")
+    os.environ["MPLBACKEND"] = "Agg"  # the experiment draws into files: no display, whatever the shell says
     try:
         try:
             import matplotlib  # noqa: F401

@@ -1,6 +1,8 @@
 """main(): the settings from the command line, the mode they ask for, and the exit codes
 (0, 1 an arm diverged, 2 an error the user can fix, 130 interrupted)."""
 
+import io
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -19,7 +21,7 @@ def main(argv=None, prog="phase_controller.py"):
     """The command line: prog is how the user started it (the script, or the installed command)."""
     if argv is None:
         argv = sys.argv[1:]
-        sys.stdout.reconfigure(line_buffering=True)  # progress lines appear at once, also through a pipe
+        sys.stdout = Console(sys.stdout)  # progress lines appear at once; a reader that goes away stops nothing
     settings = None
     try:
         settings = Settings.from_command_line(argv, prog)
@@ -49,6 +51,44 @@ def main(argv=None, prog="phase_controller.py"):
         if e.filename is None:
             raise
         return error(f"cannot use {os_error(e)}", prog)
+
+
+class Console(io.TextIOBase):
+    """stdout for a run that may outlive its reader: each line written at once, a name that is not
+    UTF-8 escaped, and once the reader is gone (`| head`, a closed terminal) or was never there
+    (`>&-`), output goes nowhere and the run goes on to write its files."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        if stream is None:
+            self.lose()
+        elif hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True, errors="backslashreplace")
+
+    def write(self, text):
+        try:
+            self.stream.write(text)
+        except (OSError, ValueError):  # BrokenPipeError, or a stream already closed
+            self.lose()
+        return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except (OSError, ValueError):
+            self.lose()
+
+    def isatty(self):
+        return self.stream.isatty()
+
+    def lose(self):
+        """From now on into the void; fd 1 too, so that Python's own flush at exit finds no broken pipe."""
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, 1)
+        except OSError:
+            pass
+        self.stream = open(devnull, "w")  # noqa: SIM115  (lives as long as the process)
 
 
 def error(message, prog):

@@ -24,7 +24,7 @@ from .records import (
     summary_path,
     transition_epoch,
 )
-from .settings import IDENTITY, identity
+from .settings import differences, identity
 
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
@@ -126,11 +126,9 @@ def load_seed_results(folder, seeds=None):
         settings = identity(results[seed]["config"])
         if reference is None:
             reference = (path, settings)
-        elif settings != reference[1]:
-            diff = ", ".join(
-                f"{k}={settings[k]!r} vs {reference[1][k]!r}" for k in IDENTITY if settings[k] != reference[1][k]
-            )
-            raise UserError(f"{path.name} and {reference[0].name} were run with different settings: {diff}")
+        elif differing := differences(reference[1], settings, (f"in {reference[0].name}", f"in {path.name}")):
+            raise UserError(f"{path.name} and {reference[0].name} were run with different settings or data: "
+                            f"{'; '.join(differing)}")  # fmt: skip
     return results
 
 

@@ -5,6 +5,7 @@ at that epoch) and its multipliers apply from the next one (where its shading st
 controller's one-epoch delay is the gap between the two.
 """
 
+import io
 import itertools
 
 import numpy as np
@@ -39,9 +40,12 @@ def pyplot():
 
 
 def save_figure(fig, path):
-    plt = pyplot()
-    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+    plt, png = pyplot(), io.BytesIO()
+    try:
+        fig.savefig(png, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    write_atomically(path, png.getvalue())
 
 
 def epochs_axis(ax, epochs):

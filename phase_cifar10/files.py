@@ -4,9 +4,11 @@ import errno
 import json
 import math
 import os
+import signal
 import socket
 import stat
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,6 +16,10 @@ try:
     import fcntl  # locks; absent on Windows
 except ImportError:
     fcntl = None
+
+
+# Advice for a file that is not what a run writes: never "delete it", which might lose good work.
+RESTART = "--restart starts the seed afresh, replacing its checkpoints"
 
 
 class UserError(Exception):
@@ -94,10 +100,12 @@ def one_line(error, limit=300):
 # ----- writing: whole files, never through a link -----
 
 
-def write_atomically(path, write):
-    """write(f) into a new temporary file beside path, then rename it over path, so no reader ever
-    sees a half-written file. The temporary file is created exclusively under an unpredictable
-    name, and a link at path is refused: nothing is ever written through a link planted there."""
+def write_atomically(path, data):
+    """The bytes data into a new temporary file beside path, then renamed over path, so no reader
+    ever sees a half-written file. The temporary file is created exclusively under an unpredictable
+    name, and a link at path is refused: nothing is ever written through a link planted there.
+    Callers serialize first (JSON, a figure, torch.save into memory), so every fault here is the
+    file system's own OSError, never one a serializer wraps."""
     path = Path(path)
     if path.is_symlink():
         raise UserError(f"{path} is a symbolic link: refusing to write through it; remove it and rerun")
@@ -109,14 +117,58 @@ def write_atomically(path, write):
         with os.fdopen(fd, "wb") as f:
             if hasattr(os, "fchmod"):  # mkstemp makes it private; the file gets the mode open() would give
                 os.fchmod(f.fileno(), 0o666 & ~current_umask())
-            write(f)
+            f.write(data)
         os.replace(tmp, path)
     except OSError as e:  # disk full, quota, a folder made read-only: the file there is unchanged
-        Path(tmp).unlink(missing_ok=True)
+        remove_quietly(tmp)
         raise UserError(cannot_write(path, e)) from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        remove_quietly(tmp)
         raise
+
+
+def remove_quietly(path):
+    """Remove a file of our own if it is there; a folder that refuses keeps it, and the error that
+    led here stays the one reported."""
+    try:
+        Path(path).unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def append_to_file(path, data, keep):
+    """The file at path cut to its first `keep` bytes (what a kill left after them goes), then data
+    appended and flushed to the disk; returns its new size. Never follows a link."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | _NOFOLLOW, 0o666)
+    except OSError as e:
+        raise UserError(cannot_write(path, e)) from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise UserError(f"{path} is not a regular file: refusing to write to it; remove it and rerun")
+            f.truncate(keep)
+            f.seek(keep)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise UserError(cannot_write(path, e)) from None
+    return keep + len(data)
+
+
+@contextmanager
+def signals_deferred():
+    """Ctrl-C and SIGTERM held until the block ends, then delivered: for work a signal must not cut
+    in two (torch.save would report the interrupt as an error of its own)."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def cannot_write(path, error):
@@ -135,7 +187,7 @@ def current_umask():
 def write_json(path, obj, indent=2):
     """obj as JSON; indent=None writes it compactly, with json's fast encoder (the indenting one is pure Python)."""
     text = json.dumps(obj, indent=indent, allow_nan=False) + "\n"
-    write_atomically(path, lambda f: f.write(text.encode()))
+    write_atomically(path, text.encode())
 
 
 class LockHeld(Exception):
@@ -181,7 +233,7 @@ def lock_file(path, wait_message=None):
         handle.flush()
         yield True
     finally:
-        path.unlink(missing_ok=True)  # while still held, so no one locks a removed file
+        remove_quietly(path)  # while still held, so no one locks a removed file; never masks the real error
         handle.close()
 
 

@@ -5,6 +5,7 @@ import functools
 import os
 import subprocess
 import sys
+import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
@@ -16,10 +17,20 @@ import torch
 import torch.distributed as dist
 
 from . import __version__, training
-from .data import Dataset, cifar10_dataset, data_label, prepare_cifar10, split_indices, synthetic_dataset
+from .data import Dataset, cifar10_dataset, data_label, fingerprint, prepare_cifar10, split_indices, synthetic_dataset
 from .evidence import print_seed_result, seed_results, write_summary
 from .figures import plot_seed
-from .files import LockHeld, UserError, check_output_dir, lock_file, make_folder, write_json
+from .files import (
+    RESTART,
+    LockHeld,
+    UserError,
+    check_output_dir,
+    lock_file,
+    make_folder,
+    one_line,
+    os_error,
+    write_json,
+)
 from .loader import DeviceSplit
 from .model import MOMENTUM, WEIGHT_DECAY, memory_format_for, parameter_count
 from .progress import Progress
@@ -34,7 +45,7 @@ from .records import (
     read_results_file,
     results_path,
 )
-from .settings import IDENTITY, Settings, identity
+from .settings import Settings, differences, identity
 
 
 @dataclass(frozen=True)
@@ -98,20 +109,65 @@ def start(settings):
     precision = choose_precision(settings.bf16, device)
     output_dir = check_output_dir(settings.output_dir)
     if world > 1:
-        # Only collectives of small Python objects are needed: gloo serves them on any device.
-        dist.init_process_group("gloo", timeout=timedelta(days=7))  # seeds may run for days
+        join_ranks(rank, world)
     return Launch(settings, device, precision, output_dir, rank, world)
 
 
 # ----- devices and precision -----
 
 
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+RENDEZVOUS_SECONDS = 300  # torch's own default waits 30 minutes, without a word and deaf to Ctrl-C
+
+
 def distributed_env():
-    """(rank, world_size, local_rank, local_world_size) under torchrun; (0, 1, 0, 1) otherwise."""
-    rank, world, local_rank = (
-        int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0))
-    )
-    return rank, world, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
+    """(rank, world_size, local_rank, local_world_size) under torchrun; (0, 1, 0, 1) without its
+    variables. UserError for values that cannot describe a launch (a stray RANK or WORLD_SIZE)."""
+    given = {name: os.environ[name] for name in TORCHRUN_VARIABLES if name in os.environ}
+    shown = " ".join(f"{name}={value}" for name, value in given.items())
+    try:
+        values = {name: int(value) for name, value in given.items()}
+    except ValueError:
+        raise UserError(f"{shown}: torchrun sets these to whole numbers; unset them to run alone") from None
+    rank, world, local_rank = values.get("RANK", 0), values.get("WORLD_SIZE", 1), values.get("LOCAL_RANK", 0)
+    local_world = values.get("LOCAL_WORLD_SIZE", local_rank + 1)
+    port = os.environ.get("MASTER_PORT", "")
+    rules = [
+        (world >= 1 and 0 <= rank < world, "RANK must lie in 0..WORLD_SIZE-1"),
+        (0 <= local_rank < local_world <= world, "LOCAL_RANK must lie below LOCAL_WORLD_SIZE, within WORLD_SIZE"),
+        (world == 1 or os.environ.get("MASTER_ADDR") and port.isdigit() and 0 < int(port) < 65536,
+         "several ranks need MASTER_ADDR and a MASTER_PORT in 1..65535 to meet at"),
+    ]  # fmt: skip
+    for ok, rule in rules:
+        if not ok:
+            raise UserError(f"{shown}: {rule}; torchrun sets these for each rank it starts: unset them to run alone")
+    return rank, world, local_rank, local_world
+
+
+def join_ranks(rank, world):
+    """Meet the other ranks at MASTER_ADDR:MASTER_PORT (torchrun's store when its agent hosts one),
+    or give up after RENDEZVOUS_SECONDS in one line; waiting is a Python loop, so Ctrl-C works.
+    Then the process group: only collectives of small Python objects are needed, and gloo serves
+    them on any device."""
+    address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    key, waited = f"phase_cifar10/joined/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", time.monotonic()
+    try:
+        store = dist.TCPStore(address, port, world, is_master=rank == 0 and not agent_store,
+                              timeout=timedelta(seconds=RENDEZVOUS_SECONDS), wait_for_workers=False)  # fmt: skip
+        store.add(key, 1)
+        while store.add(key, 0) < world:
+            if time.monotonic() - waited > RENDEZVOUS_SECONDS:
+                raise TimeoutError(f"{store.add(key, 0)} of {world} ranks came")
+            time.sleep(0.2)
+    except (RuntimeError, OSError) as e:
+        raise UserError(
+            f"the {world} ranks did not meet at {address}:{port} within {RENDEZVOUS_SECONDS} s ({one_line(e)}): start "
+            f"them all (torchrun --nproc_per_node {world}), or unset {' '.join(TORCHRUN_VARIABLES)} to run alone"
+        ) from None
+    store.set_timeout(timedelta(days=7))  # seeds may run for days before the ranks meet again
+    dist.init_process_group("gloo", store=dist.PrefixStore("default_pg", store), rank=rank, world_size=world,
+                            timeout=timedelta(days=7))  # fmt: skip
 
 
 def pick_device(name, local_rank=0, local_world=1):
@@ -243,13 +299,30 @@ class SeedPlan(NamedTuple):
 
 
 def check_seeds(launch, seeds):
-    """(plans, finished): what each seed trains on, and with --resume the results of finished seeds."""
+    """(plans, finished): what each seed trains on, and with --resume the results of finished seeds.
+    A fresh start never replaces an earlier run's files unless --restart asks for it."""
     plans = {seed: plan_seed(launch, seed) for seed in seeds}
     finished = {}
     if launch.settings.resume:
         checked = {seed: check_resumable(launch, seed, plan.config) for seed, plan in plans.items()}
         finished = {seed: results for seed, results in checked.items() if results is not None}
+        if seeds and not earlier_work(launch.output_dir, seeds):  # a misspelt folder, say
+            print(f"note: --resume found nothing of seeds {seeds} in {launch.output_dir}: they start afresh")
+    elif not launch.settings.restart and (earlier := earlier_work(launch.output_dir, seeds)):
+        raise UserError(
+            f"{launch.output_dir} holds {', '.join(earlier)} of an earlier run: --resume continues it (finished "
+            "seeds are skipped), --restart trains these seeds afresh and replaces those files"
+        )
     return plans, finished
+
+
+def earlier_work(folder, seeds):
+    """The names of the checkpoints, epoch logs and results files the seeds have in folder."""
+    found = []
+    for seed in seeds:
+        found += sorted(path.name for path in Path(folder).glob(checkpoint_path(folder, seed, suffix=".*").name))
+        found += [results_path(folder, seed).name] if results_path(folder, seed).exists() else []
+    return found
 
 
 def plan_seed(launch, seed):
@@ -271,6 +344,9 @@ def seed_config(launch, seed, data, train_size):
         tf32=torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32,  # as set_up_backends left it
         model_params=parameter_count(settings.width),
         train_size=train_size, test_size=len(data.test_y), version=__version__, git_commit=git_commit(),
+        # What else decides the numbers: the data itself, and a CPU's thread count (its sums' order).
+        data_fingerprint=fingerprint(data) if settings.dataset == "cifar10" else None,  # synthetic: made from the seed
+        threads=torch.get_num_threads() if device.type == "cpu" else None,
     )  # fmt: skip
     if settings.dataset == "synthetic":
         config["data_dir"] = None
@@ -298,7 +374,7 @@ def git_commit():
 
 def check_resumable(launch, seed, config):
     """With --resume: the seed's results when it is finished, else None; refuses a results file or
-    checkpoint of the wrong shape, or made with other settings."""
+    checkpoint of the wrong shape, of another seed, or made with other settings or data."""
     folder, now = launch.output_dir, identity(config)
     path = results_path(folder, seed)
     results = read_results_file(path, seed) if path.exists() else None
@@ -307,17 +383,17 @@ def check_resumable(launch, seed, config):
         path = checkpoint_path(folder, seed, name)
         if path.exists():
             try:
-                check_checkpoint(state := load_checkpoint(path), name)
+                check_checkpoint(state := load_checkpoint(path), name, seed)
+            except OSError as e:
+                raise UserError(f"--resume: cannot read {os_error(e)}: fix its permissions and rerun") from None
             except BadRecord as e:
-                raise UserError(f"--resume: cannot use {path} ({e}); delete it to start that seed afresh") from None
+                raise UserError(f"--resume: cannot use {path} ({e}); {RESTART}") from None
             saved.append((path, state["config"]))
     for path, saved_config in saved:
-        before = identity(saved_config)
-        differing = [f"{k} {before[k]!r} there, {now[k]!r} now" for k in IDENTITY if before[k] != now[k]]
-        if differing:
+        if differing := differences(identity(saved_config), now):
             raise UserError(
                 f"--resume: {path} was made with other settings ({'; '.join(differing)}); "
-                "rerun with those settings, or without --resume to start afresh"
+                "rerun with those settings, or with --restart to train the seed afresh"
             )
     return results
 
@@ -349,7 +425,7 @@ def train_seeds(launch, plans, finished):
         finish_skipped_seed(seed, results, folder)
     todo = {seed: plan for seed, plan in plans.items() if seed not in finished}
     for seed in todo:
-        remove_leftovers(folder, seed, checkpoints=not settings.resume)
+        remove_leftovers(folder, seed, earlier_run=settings.restart)
     arms = len(arms_of(settings.values()))
     where = f", rank {launch.rank} of {launch.world}" if launch.world > 1 else ""
     print(
@@ -367,8 +443,8 @@ def train_seeds(launch, plans, finished):
         plot_seed(results, figure_path(folder, seed))
         # Last: its existence means the seed is complete (--resume skips it, --summarize reads it).
         write_json(results_path(folder, seed), results)
-        for name in ARMS:
-            checkpoint_path(folder, seed, name).unlink(missing_ok=True)
+        for path in folder.glob(checkpoint_path(folder, seed, suffix=".*").name):
+            path.unlink()
         print_seed_result(results)
         print(f"seed {seed}: wrote {results_path(folder, seed)} and {figure_path(folder, seed).name}")
         diverged += [f"seed {seed} {name} in epoch {results[name]['diverged_epoch'] + 1}" for name in ARMS
@@ -376,15 +452,15 @@ def train_seeds(launch, plans, finished):
     return diverged
 
 
-def remove_leftovers(folder, seed, checkpoints):
-    """The temporary files a killed process left of the seed's files, and without --resume its
-    checkpoints. The seed's lock makes this safe."""
-    names = [results_path(folder, seed), figure_path(folder, seed), checkpoint_path(folder, seed)]
+def remove_leftovers(folder, seed, earlier_run):
+    """The temporary files a killed process left of the seed's files, and with --restart the seed's
+    checkpoints, epoch logs, results file and figure. The seed's lock makes this safe."""
+    names = [results_path(folder, seed), figure_path(folder, seed), checkpoint_path(folder, seed, suffix=".*")]
     leftovers = [path for name in names for path in folder.glob(f".{name.name}.tmp-*")]
-    if checkpoints:
-        leftovers += folder.glob(checkpoint_path(folder, seed).name)
+    if earlier_run:
+        leftovers += [*folder.glob(checkpoint_path(folder, seed, suffix=".*").name), *names[:2]]
     for path in leftovers:
-        path.unlink()
+        path.unlink(missing_ok=True)
 
 
 def seed_job(launch, seed, plan, progress):
@@ -412,7 +488,7 @@ def finish_skipped_seed(seed, results, folder):
     if not figure.exists():
         plot_seed(results, figure)
         print(f"seed {seed}: redrew {figure.name} from the results file")
-    for path in folder.glob(checkpoint_path(folder, seed).name):
+    for path in folder.glob(checkpoint_path(folder, seed, suffix=".*").name):
         path.unlink()
 
 

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
-from phase_controller import PHASES
+from phase_controller import PHASES, phase_table
 
 from .files import UserError, is_finite_number, one_line, open_regular_file, parse_json, read_text
-from .settings import check_config
+from .model import base_lr_at
+from .settings import check_config, identity
 
 # The arms of a seed, as the results files name them, and the accuracies compared between them.
 ARMS = (BASELINE, PHASE_AWARE, CONTROL) = ("baseline", "phase_aware", "control")
@@ -24,7 +25,7 @@ RESULTS_LOGS = ("train_loss", "eval_loss", "eval_acc", "lr")
 ARM_LOGS = ("train_loss", "train_acc", "eval_loss", "eval_acc", "lr", "steps", "train_seconds", "eval_seconds")
 PHASE_ARM_LOGS = (*ARM_LOGS, "phase", "dL", "lr_mult", "accumulation")
 WHOLE_LOGS = ("steps", "accumulation")  # counts; every other log but phase holds finite numbers
-CHECKPOINT_PARTS = ("config", "next_epoch", "arm", "model", "optimizer", "scheduler")
+CHECKPOINT_PARTS = ("config", "next_epoch", "arm", "logged", "log_bytes", "model", "optimizer", "scheduler")
 
 
 def results_path(folder, seed="*"):
@@ -32,9 +33,10 @@ def results_path(folder, seed="*"):
     return Path(folder) / f"results_seed_{seed}.json"
 
 
-def checkpoint_path(folder, seed="*", name="*"):
-    """The checkpoint of arm `name`; with a default, the pattern of every seed's or arm's."""
-    return Path(folder) / f"checkpoint_seed_{seed}_{name}.pt"
+def checkpoint_path(folder, seed="*", name="*", suffix=".pt"):
+    """The checkpoint of arm `name`; with a default, the pattern of every seed's or arm's; with
+    suffix ".*", of its files (the checkpoint and its epoch log)."""
+    return Path(folder) / f"checkpoint_seed_{seed}_{name}{suffix}"
 
 
 def figure_path(folder, seed):
@@ -206,40 +208,91 @@ def check_accuracies(record, name):
 # ----- checkpoints -----
 
 
+def epoch_log_path(checkpoint):
+    """The epoch log beside a checkpoint: one JSON row per logged epoch, appended as they come, so
+    that a checkpoint's cost does not grow with the epochs."""
+    return Path(checkpoint).with_suffix(".jsonl")
+
+
 def load_checkpoint(path, map_location="cpu"):
-    """A checkpoint's state, read with torch's weights_only loader: tensors and plain values only."""
+    """A checkpoint's state, read with torch's weights_only loader (tensors and plain values only),
+    its arm's per-epoch log read back from the epoch log beside it. OSError when a file cannot be
+    read; BadRecord when one is not what a run writes."""
     try:
         with open_regular_file(path) as f:
-            return torch.load(f, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:  # torch's own message advises weights_only=False, the unsafe way out
+            state = torch.load(f, map_location=map_location, weights_only=True)
+    except OSError:
+        raise
+    except pickle.UnpicklingError as e:  # torch's own message advises weights_only=False, the unsafe way out
+        if "global" not in str(e).lower():  # not a refusal of a class or function it names: not a torch file
+            raise BadRecord("not a checkpoint torch can read (not a torch file)") from None
         raise BadRecord("it holds Python objects other than tensors and plain values, which are never loaded") from None
-    except OSError as e:
-        raise BadRecord(e.strerror or str(e)) from None
     except Exception as e:  # truncated or not a torch file: torch raises RuntimeError and more
-        raise BadRecord(one_line(e)) from None
+        raise BadRecord(f"not a checkpoint torch can read ({one_line(e)})") from None
+    record = state.get("arm") if isinstance(state, dict) else None
+    if isinstance(record, dict) and isinstance(record.get("per_epoch"), dict):  # else check_checkpoint says why
+        logged, size = state.get("logged"), state.get("log_bytes")
+        require(is_whole(logged, 0) and is_whole(size, 0), "no count of the epochs in its epoch log")
+        record["per_epoch"] = read_epoch_log(epoch_log_path(path), list(record["per_epoch"]), logged, size)
+    return state
 
 
-def check_checkpoint(state, name):
-    """(next_epoch, record) of the checkpoint of arm `name`, its parts agreeing with each other and
-    with its config: the arm logged every epoch before next_epoch (but one it diverged in), the
-    scheduler stepped as often, and the phase arm's controller saw the losses the log records."""
+def read_epoch_log(path, keys, logged, size):
+    """{key: values} of the first `logged` rows of an epoch log, which fill its first `size` bytes."""
+    try:
+        with open_regular_file(path) as f:
+            data = f.read(size)
+    except FileNotFoundError:
+        require(size == 0, f"its epoch log {path.name} is missing")
+        data = b""
+    require(len(data) == size, f"its epoch log {path.name} holds {len(data)} of the {size} bytes it had")
+    try:
+        rows = [parse_json(line) for line in data.decode().splitlines()]
+    except ValueError as e:  # not UTF-8, or not JSON
+        raise BadRecord(f"its epoch log {path.name} is not what a run writes ({one_line(e)})") from None
+    require(len(rows) == logged and all(isinstance(row, dict) for row in rows), f"its epoch log {path.name} "
+            f"holds {len(rows)} rows where {logged} epochs were logged")  # fmt: skip
+    return {key: [row.get(key) for row in rows] for key in keys}
+
+
+def check_checkpoint(state, name, seed):
+    """(next_epoch, record) of the checkpoint of seed's arm `name`, its parts agreeing with each other
+    and with its config: the arm logged every epoch before next_epoch (but one it diverged in), the
+    scheduler stepped as often, its LRs are the base schedule's at next_epoch times the multiplier
+    the phase (or the constant) asks, and the phase arm's controller saw the losses the log records."""
     missing = [part for part in CHECKPOINT_PARTS if not isinstance(state, dict) or part not in state]
     require(not missing, f"not a whole checkpoint: it lacks {missing}")
     require(isinstance(state["config"], dict), "no config")
     check_settings(state["config"])
-    epochs = state["config"]["epochs"]
+    config = state["config"]
+    require(config["seed"] == seed, f"its config's seed is {config['seed']}, not its file name's {seed}")
+    epochs = config["epochs"]
     next_epoch, record, scheduler = state["next_epoch"], state["arm"], state["scheduler"]
     require(is_whole(next_epoch, 1) and next_epoch <= epochs, f"next_epoch {next_epoch!r} not in 1..{epochs}")
     require(isinstance(record, dict), "no arm record")
     check_record(record, name, PHASE_ARM_LOGS if name == PHASE_AWARE else ARM_LOGS, epochs, next_epoch)
-    steps = scheduler.get("last_epoch") if isinstance(scheduler, dict) else None
-    require(steps == next_epoch, f"the scheduler stepped {steps!r} times in {next_epoch} epochs")
+    require(isinstance(scheduler, dict), "no scheduler state")
+    require(scheduler.get("last_epoch") == next_epoch, f"the scheduler stepped {scheduler.get('last_epoch')!r} "
+            f"times in {next_epoch} epochs")  # fmt: skip
     controller, log = scheduler.get("controller"), record["per_epoch"]
     if name == PHASE_AWARE:
-        seen = controller.get("losses") if isinstance(controller, dict) else None
-        require(seen == log["train_loss"], "its controller did not see the training losses its log records")
+        require(isinstance(controller, dict), "no controller in the phase arm")
+        window = identity(config)["dl_window"] + 1
+        seen = (controller.get("recent_losses"), controller.get("epochs_seen"))
+        require(seen == (log["train_loss"][-window:], len(log["train_loss"])), "its controller did not see the "
+                "training losses its log records")  # fmt: skip
         last = log["phase"][-1] if log["phase"] else controller.get("phase")
         require(controller.get("phase") == last, "its controller's phase is not the last one logged")
+        asked = phase_table(identity(config)["lr_pulse"], identity(config)["grad_accum"]).get(last)
     else:
         require(controller is None, f"a controller in the {name} arm")
+        asked = (record.get("fixed_lr_mult"), 1)
+    require(
+        (scheduler.get("lr_mult"), scheduler.get("accumulation")) == tuple(asked or ()),
+        "its multiplier "
+        f"and accumulation ({scheduler.get('lr_mult')}, {scheduler.get('accumulation')}) are not what its arm asks",
+    )
+    base = base_lr_at(next_epoch, config["base_lr"], config["warmup_epochs"], epochs)
+    require(scheduler.get("unscaled_lrs") == [base], f"its LRs {scheduler.get('unscaled_lrs')} are not the base "
+            f"schedule's {base} at epoch {next_epoch + 1}")  # fmt: skip
     return next_epoch, record

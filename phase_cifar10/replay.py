@@ -125,8 +125,11 @@ def replay(settings):
         "transition_epochs": controller.transition_epochs,
     }
     make_folder(out, "--output-dir")
+    # The figure first, as a seed's is drawn before its results file; a name that is not UTF-8 is
+    # shown escaped in its title.
+    title = str(source).encode("utf-8", "backslashreplace").decode("utf-8")
+    plot_replay(rows, controller, out / f"replay_{stem}.png", title=title)
     write_json(out / f"replay_{stem}.json", replay_result, indent=None)  # a row per epoch: long logs write fast
-    plot_replay(rows, controller, out / f"replay_{stem}.png", title=str(source))
     print(f"wrote {out / f'replay_{stem}.json'} and {out / f'replay_{stem}.png'}")
     return 0
 

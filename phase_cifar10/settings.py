@@ -86,6 +86,7 @@ class Settings:
     bf16: str = setting("auto", "auto: on where bf16 is native", RUN, one_of("auto", "on", "off"))
     output_dir: str = setting("results", "results, figures, checkpoints", RUN, PATH)
     resume: bool = setting(False, "continue from the checkpoints; skip finished seeds", RUN)
+    restart: bool = setting(False, "train the seeds afresh, replacing their checkpoints and results", RUN)
     control: str = setting(
         "none", "lr-matched: a third arm, accumulation 1, at one constant LR multiplier that matches the phase "
         "arm's total update (sum of LR x optimizer steps)", RUN, one_of("none", "lr-matched"),
@@ -110,6 +111,8 @@ class Settings:
         given = vars(build_parser(prog).parse_args(argv))  # only the flags that were passed
         if "seed" in given and ("multi_seed" in given or "seeds" in given):
             raise UserError("--seed runs one seed, --multi-seed/--seeds several: pass one or the other")
+        if "resume" in given and "restart" in given:
+            raise UserError("--resume continues the seeds, --restart replaces them: pass one or the other")
         given["multi_seed"] = given.get("multi_seed", False) or "seeds" in given
         if not given["multi_seed"]:  # the seeds this run trains: its one
             given["seeds"] = str(given.get("seed", SEED))
@@ -132,7 +135,7 @@ class Settings:
 
     def recorded(self):
         """What a results file's config records of these settings: all but how to run."""
-        return {k: v for k, v in self.values().items() if k not in ("resume", "summarize", "replay")}
+        return {k: v for k, v in self.values().items() if k not in ("resume", "restart", "summarize", "replay")}
 
     def seeds_to_run(self):
         return seeds_in(self.seeds)
@@ -208,7 +211,12 @@ def check(values, name):
 
 
 # What a run resolves rather than takes from a flag, and records in each results file's config.
-RESOLVED_RULES = {"momentum": FINITE, "weight_decay": FINITE, "precision": one_of(*PRECISIONS)}
+RESOLVED_RULES = {
+    "momentum": FINITE, "weight_decay": FINITE, "precision": one_of(*PRECISIONS),
+    "data_fingerprint": Rule("null (synthetic data) or 16 hexadecimal digits", lambda v: v is None
+                             or isinstance(v, str) and len(v) == 16 and all(c in "0123456789abcdef" for c in v)),
+    "threads": Rule("null (a GPU run) or an integer >= 1", lambda v: v is None or type(v) is int and v >= 1),
+}  # fmt: skip
 
 # What a seed's numbers depend on: runs that agree on these and the seed compute the same numbers
 # on the same machine, so these are what --resume and --summarize compare.
@@ -218,10 +226,25 @@ IDENTITY = (
 )  # fmt: skip
 
 
+# Recorded since 2026-12: the data's fingerprint, and the CPU threads (which change a CPU run's last bits).
+RECORDED_SINCE = ("data_fingerprint", "threads")
+
+
 def identity(config):
-    """The IDENTITY settings of a results file's config; a controller setting it predates reads
-    with its default. KeyError for any other setting it lacks."""
-    return {k: config[k] if k in config or k not in CONTROLLER_DEFAULTS else CONTROLLER_DEFAULTS[k] for k in IDENTITY}
+    """The IDENTITY settings of a results file's config, and those RECORDED_SINCE that it holds; a
+    controller setting it predates reads with its default. KeyError for any other setting it lacks."""
+    known = {k: config[k] if k in config or k not in CONTROLLER_DEFAULTS else CONTROLLER_DEFAULTS[k] for k in IDENTITY}
+    return known | {k: config[k] for k in RECORDED_SINCE if k in config}
+
+
+def differences(before, now, where=("there", "now")):
+    """The settings in which two identities differ, as "name value there, value now" phrases."""
+
+    def shown(values, key):
+        return repr(values[key]) if key in values else "absent"
+
+    keys = [k for k in (*IDENTITY, *RECORDED_SINCE) if shown(before, k) != shown(now, k)]
+    return [f"{k} {shown(before, k)} {where[0]}, {shown(now, k)} {where[1]}" for k in keys]
 
 
 def check_config(config):

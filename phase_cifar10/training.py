@@ -1,5 +1,7 @@
 """One training loop for every arm: a seed's arms, an arm's epochs, and the LR-matched control."""
 
+import io
+import json
 import math
 import random
 import time
@@ -13,7 +15,7 @@ import torch.nn.functional as F
 
 from phase_controller import PhaseScheduler
 
-from .files import UserError, one_line, write_atomically
+from .files import RESTART, UserError, append_to_file, one_line, os_error, signals_deferred, write_atomically
 from .loader import DeviceSplit
 from .model import EVAL_BATCH_SIZE, EVAL_BATCH_SIZE_CPU, MOMENTUM, WEIGHT_DECAY, base_lr_at, build_model
 from .progress import Progress, show_batches
@@ -27,6 +29,7 @@ from .records import (
     arms_of,
     check_checkpoint,
     checkpoint_path,
+    epoch_log_path,
     held_out_loss,
     load_checkpoint,
 )
@@ -107,6 +110,7 @@ class Arm:
         # Each process trains whole seeds, never a shard of one: the controller sees this arm's losses alone.
         self.scheduler = PhaseScheduler(self.optimizer, controller, base, fixed_lr_mult, sync_ranks=False)
         self.record, self.next_epoch = new_record(controller, fixed_lr_mult), 0
+        self.logged, self.log_bytes = 0, 0  # what the epoch log beside the checkpoint holds
         if job.resume and self.path.exists():
             self.restore()
 
@@ -142,33 +146,47 @@ class Arm:
         log_epoch(self, epoch, row)
 
     def save(self, next_epoch):
+        """Append the epochs logged since the last save to the epoch log, then checkpoint the rest:
+        model, optimizer, schedule, controller and the record but its log, which do not grow with the
+        epochs, and the log's length. A kill between the two leaves a log the next resume cuts back."""
+        log = self.record["per_epoch"]
+        rows = range(self.logged, len(log["train_loss"]))
+        lines = "".join(json.dumps({key: values[i] for key, values in log.items()}) + "\n" for i in rows)
+        self.log_bytes = append_to_file(epoch_log_path(self.path), lines.encode(), keep=self.log_bytes)
+        self.logged = len(log["train_loss"])
         state = {
             "config": self.job.config,
             "next_epoch": next_epoch,
-            "arm": self.record,
+            "arm": self.record | {"per_epoch": {key: [] for key in log}},
+            "logged": self.logged,
+            "log_bytes": self.log_bytes,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),  # base schedule, controller and multiplier
         }
-        write_atomically(self.path, lambda f: torch.save(state, f))
+        checkpoint = io.BytesIO()
+        with signals_deferred():  # an interrupt inside torch.save would surface as torch's own error
+            torch.save(state, checkpoint)
+        write_atomically(self.path, checkpoint.getvalue())
 
     def restore(self):
         """The whole state of the arm's checkpoint, checked against the arm as built."""
         settings, fixed = optimizer_settings(self.optimizer), self.scheduler.fixed.lr_mult
         try:
             state = load_checkpoint(self.path, self.job.device)
-            next_epoch, record = check_checkpoint(state, self.name)
+            next_epoch, record = check_checkpoint(state, self.name, self.job.seed)
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             check_optimizer(self.optimizer, settings)
             self.scheduler.load_state_dict(state["scheduler"])
             if self.controller is None and not (self.scheduler.lr_mult == record["fixed_lr_mult"] == fixed):
                 raise BadRecord(f"its multiplier is not the arm's {fixed}")
+        except OSError as e:
+            raise UserError(f"--resume: cannot read {os_error(e)}: fix its permissions and rerun") from None
         except Exception as e:
-            raise UserError(
-                f"--resume: cannot restore {self.path} ({one_line(e)}); delete it to start afresh"
-            ) from None
+            raise UserError(f"--resume: cannot restore {self.path} ({one_line(e)}); {RESTART}") from None
         self.record, self.next_epoch = record, next_epoch
+        self.logged, self.log_bytes = state["logged"], state["log_bytes"]
         self.job.progress.skip(next_epoch)
         print(f"seed {self.job.seed} {self.name}: resumed after epoch {next_epoch}")
         if record["status"] != "ok":  # it diverged before an interruption: nothing left to train

@@ -1,6 +1,7 @@
 """Test helpers: small CIFAR-format folders and command-line runs."""
 
 import contextlib
+import copy
 import io
 import json
 import os
@@ -12,8 +13,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from phase_cifar10 import command_line, data
+from phase_cifar10 import command_line, data, records, training
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING_KEYS = {"time_seconds", "train_seconds", "eval_seconds"}
@@ -22,6 +24,8 @@ TIMING_KEYS = {"time_seconds", "train_seconds", "eval_seconds"}
 # fp32 whatever the machine offers (bf16 has tests of its own).
 TINY = ["--dataset", "synthetic", "--subset", "256", "--width", "4", "--batch-size", "64", "--epochs", "5",
         "--device", "cpu", "--bf16", "off"]  # fmt: skip
+# Three tiny epochs: what the fault and hostile-input tests start from.
+RUN = [*TINY, "--epochs", "3"]
 # Thresholds that walk the phase arm through every phase within six tiny epochs: S1 at epoch 2,
 # S2 (accumulation 2) at epoch 3, S3 once the eval loss stops improving.
 ALL_PHASES = ["--epochs", "6", "--s2-threshold", "1.0", "--s3-patience", "1"]
@@ -94,12 +98,12 @@ def write_cifar_folder(root, per_batch=20, layout="official", seed=0):
 # ----- runs -----
 
 
-def cli(*args, env=None, timeout=300):
+def cli(*args, env=None):
     """phase_controller.py in a fresh Python process."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
         [sys.executable, str(ROOT / "phase_controller.py"), *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT,
+        capture_output=True, text=True, env=full_env, cwd=ROOT,
     )  # fmt: skip
 
 
@@ -140,3 +144,64 @@ def run_main(argv):
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = command_line.main([str(a) for a in argv])
     return code, out.getvalue(), err.getvalue()
+
+
+# ----- checkpoints, edited as a hostile user would -----
+
+
+def read_checkpoint(path):
+    """A checkpoint's state, its arm's per-epoch log read back from the epoch log beside it."""
+    return records.load_checkpoint(path)
+
+
+def write_checkpoint(path, state):
+    """A checkpoint as a run leaves one, written here without the code under test: the state with its
+    per-epoch lists emptied, and beside it their rows, one JSON object per epoch, a row holding the
+    values each list has for it."""
+    state = copy.deepcopy(state)
+    log = state["arm"].get("per_epoch") if isinstance(state.get("arm"), dict) else None
+    rows = ""
+    if isinstance(log, dict):
+        columns = {key: values for key, values in log.items() if isinstance(values, list)}
+        for i in range(max(map(len, columns.values()), default=0)):
+            rows += json.dumps({key: values[i] for key, values in columns.items() if i < len(values)}) + "\n"
+        state["arm"]["per_epoch"] = {key: [] for key in log}
+        state["logged"], state["log_bytes"] = rows.count("\n"), len(rows.encode())
+    Path(path).with_suffix(".jsonl").write_text(rows)
+    torch.save(state, path)
+
+
+def one_line_error(code, stderr, *fragments):
+    assert code == 2 and stderr.startswith("phase_controller.py: error: ") and stderr.count("\n") == 1, stderr
+    for fragment in fragments:
+        assert fragment in stderr, stderr
+
+
+def edit(obj, path, value):
+    *parents, last = path
+    for key in parents:
+        obj = obj[key]
+    if value is DELETE:
+        del obj[last]
+    else:
+        obj[last] = value
+
+
+DELETE = object()
+
+
+def files_left(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def interrupt_after(monkeypatch, epochs):
+    """Raise KeyboardInterrupt, as Ctrl-C would, once `epochs` epochs have been logged."""
+    original, logged = training.log_epoch, []
+
+    def log_then_interrupt(*args):
+        original(*args)
+        logged.append(1)
+        if len(logged) == epochs:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "log_epoch", log_then_interrupt)

@@ -59,7 +59,12 @@ def main(out, devices):
         enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
-    result = {"rows": record.rows, "phases": controller.transition_epochs, "losses": controller.losses}
+    result = {
+        "rows": record.rows,
+        "phases": controller.transition_epochs,
+        "losses": controller.recent_losses,
+        "seen": controller.epochs_seen,
+    }
     Path(out, f"rank_{trainer.global_rank}.json").write_text(json.dumps(result))
 
 

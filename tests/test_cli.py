@@ -110,7 +110,8 @@ def test_more_ranks_than_gpus_stops_every_rank_before_any_collective(tmp_path, m
     monkeypatch.setattr(
         torch.distributed, "init_process_group", lambda *a, **k: pytest.fail("a collective was started")
     )
-    env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": 2, "LOCAL_WORLD_SIZE": 2}
+    env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": 2, "LOCAL_WORLD_SIZE": 2, "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": 29999}  # fmt: skip
     for key, value in env.items():
         monkeypatch.setenv(key, str(value))
     code, stdout, stderr = run_main([*TINY, "--device", "cuda", "--output-dir", tmp_path / "out"])

@@ -55,7 +55,8 @@ def test_controller_exposes_latest_dl():
     for loss, dl in zip(losses, expected, strict=True):
         ctl.observe(loss)
         assert ctl.dL == pytest.approx(dl, abs=1e-12)
-    assert ctl.losses == losses
+    # It keeps what dL needs, the last window + 1 losses, so its state does not grow with training.
+    assert ctl.recent_losses == losses[-4:] and ctl.epochs_seen == 5
 
 
 # ----- S0 -> S1 -----
@@ -230,11 +231,11 @@ def test_state_dict_carries_every_counter():
     ctl.observe(0.97, eval_loss=1.0)
     ctl.observe(0.97, eval_loss=1.0)
     state = ctl.state_dict()
-    assert state["losses"] == ctl.losses and state["phase"] == pc.S2_AXIS_LOCK
-    assert (state["best_eval"], state["stale"]) == (1.0, 1)
+    assert state["recent_losses"] == ctl.recent_losses and state["phase"] == pc.S2_AXIS_LOCK
+    assert (state["best_eval"], state["stale"], state["epochs_seen"]) == (1.0, 1, 8)
     assert state["transitions"] == ctl.transitions and state["transition_epochs"] == {"S1": 2, "S2": 5}
-    state["losses"].append(123.0)  # a copy, not a view
-    assert 123.0 not in ctl.losses
+    state["recent_losses"].append(123.0)  # a copy, not a view
+    assert 123.0 not in ctl.recent_losses
 
 
 def test_load_state_dict_refuses_incomplete_state():
@@ -248,8 +249,12 @@ def test_load_state_dict_refuses_incomplete_state():
     "key, value",
     [
         ("grad_accum", -3), ("dl_mode", "weird"), ("s2_threshold", math.inf), ("phase", "S9_NONSENSE"),
-        ("stale", -1), ("stale", 1.5), ("losses", "2.0, 1.9"), ("losses", [1.0, math.nan]), ("dL", None),
-        ("transition_epochs", {"S1": 99}), ("transition_epochs", {"S7": 0}), ("transitions", [3]),
+        ("stale", -1), ("stale", 1.5), ("recent_losses", "2.0, 1.9"), ("recent_losses", [1.0, math.nan, 1.0, 1.0]),
+        ("dL", None), ("transition_epochs", {"S1": 99}), ("transition_epochs", {"S7": 0}), ("transitions", [3]),
+        # States no sequence of losses can leave: each refused by a rule of its own.
+        ("best_eval", math.nan), ("transition_epochs", {"S1": True, "S2": 5}), ("epochs_seen", 2),
+        ("transition_epochs", {"S1": 5, "S2": 2}), ("transition_epochs", {"S1": 2}), ("recent_losses", [1.0, 0.9]),
+        ("phase", pc.S0_EXPLORE), ("transitions", ["one line"]), ("epochs_seen", True),
     ],
 )  # fmt: skip
 def test_load_state_dict_refuses_a_bad_entry_and_leaves_the_controller_as_it_was(key, value):
@@ -300,7 +305,7 @@ def test_observe_refuses_non_finite_losses(train_loss, eval_loss):
     ctl = PhaseController()
     with pytest.raises(ValueError):
         ctl.observe(train_loss, eval_loss)
-    assert ctl.losses == []
+    assert ctl.recent_losses == [] and ctl.epochs_seen == 0
 
 
 @pytest.mark.parametrize("window", [0, -1, 1.5, math.inf])

@@ -1,5 +1,6 @@
 """Never lose a run: kills, interrupts, resume, divergence, atomic files."""
 
+import errno
 import os
 import shutil
 import signal
@@ -9,7 +10,17 @@ import time
 
 import pytest
 import torch
-from helpers import ALL_PHASES, ROOT, TINY, cli, leftover_temp_files, read_json, run_main, without_timings
+from helpers import (
+    ALL_PHASES,
+    ROOT,
+    TINY,
+    cli,
+    interrupt_after,
+    leftover_temp_files,
+    read_json,
+    run_main,
+    without_timings,
+)
 
 from phase_cifar10 import files, launch, training
 
@@ -32,7 +43,7 @@ def start_and_signal(out, after_line, sig, delay=0.15):
             time.sleep(delay)  # well into the next epoch's training
             process.send_signal(sig)
             break
-    stdout, stderr = process.communicate(timeout=120)
+    stdout, stderr = process.communicate()
     return process.returncode, "".join(seen) + stdout, stderr
 
 
@@ -58,7 +69,10 @@ def test_interrupt_stops_cleanly_with_a_resume_hint(tmp_path, sig):
     assert code == 130
     assert "interrupted; every completed epoch is checkpointed" in stderr and "--resume" in stderr
     assert "Traceback" not in stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_seed_42_baseline.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint_seed_42_baseline.jsonl",
+        "checkpoint_seed_42_baseline.pt",
+    ]
     assert torch.load(tmp_path / "checkpoint_seed_42_baseline.pt", weights_only=True)["next_epoch"] in (1, 2)
 
 
@@ -70,19 +84,6 @@ def test_ctrl_c_in_the_first_epoch_says_there_is_nothing_to_resume(tmp_path, mon
     code, _, stderr = run_main([*RUN, "--output-dir", tmp_path])
     assert code == 130 and "no epoch was completed, so there is nothing to resume" in stderr
     assert "--resume" not in stderr and "checkpointed" not in stderr
-
-
-def interrupt_after(monkeypatch, epochs):
-    """Raise KeyboardInterrupt, as Ctrl-C would, once `epochs` epochs have been logged."""
-    original, logged = training.log_epoch, []
-
-    def log_then_interrupt(*args):
-        original(*args)
-        logged.append(1)
-        if len(logged) == epochs:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(training, "log_epoch", log_then_interrupt)
 
 
 def test_in_process_interrupt_and_resume_equal_the_uninterrupted_run(tmp_path, monkeypatch, default_run):
@@ -130,7 +131,8 @@ def killed_before_the_results_file(tmp_path, monkeypatch):
     assert run_main([*RUN, "--output-dir", tmp_path])[0] == 130
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "checkpoint_seed_42_baseline.pt", "checkpoint_seed_42_phase_aware.pt", "figure_seed_42.png"
+        "checkpoint_seed_42_baseline.jsonl", "checkpoint_seed_42_baseline.pt", "checkpoint_seed_42_phase_aware.jsonl",
+        "checkpoint_seed_42_phase_aware.pt", "figure_seed_42.png",
     ]  # fmt: skip
     return tmp_path
 
@@ -170,13 +172,22 @@ def test_resume_skips_a_finished_seed_and_refuses_one_finished_otherwise(tmp_pat
     assert code == 2 and "results_seed_42.json was made with other settings (width 4 there, 16 now)" in stderr
 
 
-def test_without_resume_a_run_starts_afresh(tmp_path, monkeypatch):
+def test_a_fresh_start_over_an_earlier_run_refuses_and_restart_starts_afresh(tmp_path, monkeypatch):
+    # The identical command rerun after an interrupt, as a requeued batch script runs it.
     interrupt_after(monkeypatch, 2)
     assert run_main([*TINY, "--epochs", "3", "--output-dir", tmp_path])[0] == 130
     monkeypatch.undo()
-    code, stdout, _ = run_main([*TINY, "--epochs", "3", "--output-dir", tmp_path])
-    assert code == 0 and "resumed" not in stdout
-    assert stdout.count("baseline    epoch") == 3
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    code, stdout, stderr = run_main([*TINY, "--epochs", "3", "--output-dir", tmp_path])
+    assert code == 2 and stderr.count("\n") == 1 and stdout == ""
+    assert "holds checkpoint_seed_42_baseline.jsonl, checkpoint_seed_42_baseline.pt of an earlier run" in stderr
+    assert "--resume continues it" in stderr and "--restart" in stderr
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing deleted
+    code, stdout, _ = run_main([*TINY, "--epochs", "3", "--output-dir", tmp_path, "--restart"])
+    assert code == 0 and "resumed" not in stdout and stdout.count("baseline    epoch") == 3
+    # A finished seed is never retrained by accident either.
+    code, _, stderr = run_main([*TINY, "--epochs", "3", "--output-dir", tmp_path])
+    assert code == 2 and "holds results_seed_42.json of an earlier run" in stderr
 
 
 def test_checkpoint_missing_a_part_is_a_clear_error(tmp_path, monkeypatch):
@@ -189,19 +200,16 @@ def test_checkpoint_missing_a_part_is_a_clear_error(tmp_path, monkeypatch):
     torch.save(state, path)
     code, _, stderr = run_main([*RUN, "--output-dir", tmp_path, "--resume"])
     assert code == 2 and stderr.count("\n") == 1
-    assert (
-        f"cannot use {path}" in stderr
-        and "lacks ['scheduler']" in stderr
-        and "delete it to start that seed afresh" in stderr
-    )
+    assert f"cannot use {path}" in stderr and "lacks ['scheduler']" in stderr and "delete" not in stderr
+    assert "--restart starts the seed afresh" in stderr
 
 
-def test_unreadable_checkpoint_on_resume_is_a_clear_error(tmp_path):
-    (tmp_path / "checkpoint_seed_42_baseline.pt").write_bytes(b"truncated")
+@pytest.mark.parametrize("garbage", [b"garbage", b"truncated", b"\x80\x02}q"])
+def test_a_garbage_checkpoint_is_called_what_it_is(tmp_path, garbage):
+    (tmp_path / "checkpoint_seed_42_baseline.pt").write_bytes(garbage)
     code, _, stderr = run_main([*TINY, "--output-dir", tmp_path, "--resume"])
-    assert (
-        code == 2 and stderr.count("\n") == 1 and "cannot use" in stderr and "checkpoint_seed_42_baseline.pt" in stderr
-    )
+    assert code == 2 and stderr.count("\n") == 1 and "checkpoint_seed_42_baseline.pt" in stderr
+    assert "not a checkpoint torch can read" in stderr and "Python objects" not in stderr
 
 
 def test_divergence_stops_the_arm_and_the_other_seeds_go_on(tmp_path):
@@ -241,16 +249,17 @@ def test_an_arm_diverged_at_its_first_epoch_still_gets_results_and_a_figure(tmp_
     assert results["delta_best_acc"] is None and (tmp_path / "figure_seed_42.png").exists()
 
 
-def test_atomic_write_leaves_the_old_file_and_no_temp_on_failure(tmp_path):
+@pytest.mark.parametrize("fault", [KeyboardInterrupt(), OSError(errno.ENOSPC, "No space left on device")])
+def test_atomic_write_leaves_the_old_file_and_no_temp_on_failure(tmp_path, monkeypatch, fault):
     target = tmp_path / "results.json"
     target.write_text("old")
 
-    def fails_half_way(f):
-        f.write(b"half")
-        raise KeyboardInterrupt
+    def fails_after_writing(*args):
+        raise fault
 
-    with pytest.raises(KeyboardInterrupt):
-        files.write_atomically(target, fails_half_way)
+    monkeypatch.setattr(files.os, "replace", fails_after_writing)
+    with pytest.raises((KeyboardInterrupt, files.UserError)):
+        files.write_atomically(target, b"new")
     assert target.read_text() == "old" and os.listdir(tmp_path) == ["results.json"]
 
 

@@ -1,7 +1,6 @@
 """Hostile inputs and faults, one class at a time: nothing written outside the output and data
 folders, no silent wrong result, no message that loses work, bounded work, one line and exit 2."""
 
-import errno
 import json
 import os
 import pickle
@@ -10,34 +9,55 @@ import sys
 import threading
 
 import pytest
-import torch
-from helpers import ALL_PHASES, ROOT, TINY, cli, read_json, run_main, write_cifar_folder
+from helpers import (
+    ALL_PHASES,
+    DELETE,
+    ROOT,
+    RUN,
+    TINY,
+    cli,
+    edit,
+    files_left,
+    one_line_error,
+    run_main,
+    write_cifar_folder,
+)
 
 import phase_controller as pc
-from phase_cifar10 import data, evidence, files, launch, training
-
-RUN = [*TINY, "--epochs", "3"]
-
-
-def one_line_error(code, stderr, *fragments):
-    assert code == 2 and stderr.startswith("phase_controller.py: error: ") and stderr.count("\n") == 1, stderr
-    for fragment in fragments:
-        assert fragment in stderr, stderr
-
+from phase_cifar10 import data, evidence, files, training
 
 # ----- links: nothing is written through a link planted in the output folder -----
 
 
-@pytest.mark.parametrize("planted", [".lock_seed_42", "results_seed_42.json", "figure_seed_42.png"])
-def test_a_link_where_a_run_writes_is_refused_and_its_target_untouched(tmp_path, planted):
+@pytest.mark.parametrize(
+    "planted, refusal",
+    [
+        (".lock_seed_42", "is a symbolic link: refusing to"),
+        ("figure_seed_42.png", "is a symbolic link: refusing to"),
+        ("results_seed_42.json", "of an earlier run"),  # a fresh start never replaces a results file
+        ("checkpoint_seed_42_baseline.jsonl", "of an earlier run"),
+    ],
+)
+def test_a_link_where_a_run_writes_is_refused_and_its_target_untouched(tmp_path, planted, refusal):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     out = tmp_path / "out"
     out.mkdir()
     (out / planted).symlink_to(victim)
     code, _, stderr = run_main([*RUN, "--output-dir", out])
-    one_line_error(code, stderr, f"{out / planted} is a symbolic link: refusing to")
+    one_line_error(code, stderr, planted, refusal)
     assert victim.read_text() == "precious"
+
+
+@pytest.mark.parametrize("planted", ["results_seed_42.json", "checkpoint_seed_42_baseline.jsonl"])
+def test_restart_removes_a_planted_link_never_its_target(tmp_path, planted):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / planted).symlink_to(victim)
+    assert run_main([*RUN, "--output-dir", out, "--restart"])[0] == 0
+    assert victim.read_text() == "precious" and not (out / planted).is_symlink()
 
 
 def test_summarize_refuses_a_link_at_the_summary_and_predictable_temp_names_are_gone(tmp_path, default_run):
@@ -103,17 +123,6 @@ def test_a_flag_out_of_range_is_one_line_and_creates_nothing(tmp_path, monkeypat
 # ----- records: a results file or checkpoint of the wrong shape is refused, naming it -----
 
 
-def edit(obj, path, value):
-    *parents, last = path
-    for key in parents:
-        obj = obj[key]
-    if value is DELETE:
-        del obj[last]
-    else:
-        obj[last] = value
-
-
-DELETE = object()
 RESULTS_EDITS = [
     (("config", "epochs"), 4, "baseline logs 6 epochs, not all of them"),
     (("config", "seed"), "42", "config's seed must be an integer in 0..4,294,967,295, got '42'"),
@@ -156,86 +165,7 @@ def test_a_deeply_nested_or_huge_results_file_is_one_line(tmp_path):
     one_line_error(code, stderr, "results_seed_1.json: not a results file", "nested too deeply")
 
 
-@pytest.fixture
-def interrupted_run(tmp_path, monkeypatch):
-    """A run stopped after the phase arm's second epoch: its checkpoints in tmp_path."""
-    real = training.Arm.save
-
-    def save_then_stop(arm, next_epoch):
-        real(arm, next_epoch)
-        if arm.name == "phase_aware" and next_epoch == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(training.Arm, "save", save_then_stop)
-    assert run_main([*RUN, "--output-dir", tmp_path])[0] == 130
-    monkeypatch.undo()
-    return tmp_path / "checkpoint_seed_42_phase_aware.pt"
-
-
-CHECKPOINT_EDITS = [
-    (("next_epoch",), 3, "phase_aware logs 2 epochs, not all of them"),
-    (("next_epoch",), "2", "next_epoch '2' not in 1..3"),
-    (("next_epoch",), 0, "next_epoch 0 not in 1..3"),
-    (("arm", "per_epoch", "phase"), ["S0_EXPLORE"], "per_epoch lists differ in length"),
-    (("arm", "per_epoch", "steps", 0), 0, "steps holds a value not an integer >= 1"),
-    (("arm", "status"), "not_run", "phase_aware status 'not_run'"),
-    (("scheduler", "last_epoch"), 5, "the scheduler stepped 5 times in 2 epochs"),
-    (("scheduler", "controller", "losses"), [1.0, 2.0], "its controller did not see the training losses"),
-    (("scheduler", "controller", "phase"), "S3_POLISH", "its controller's phase is not the last one logged"),
-    (("config", "dl_mode"), "weird", "config's dl_mode must be 'absolute' or 'relative'"),
-    (("arm",), DELETE, "it lacks ['arm']"),
-]
-
-
-@pytest.mark.parametrize("path, value, message", CHECKPOINT_EDITS, ids=[e[2][:30] for e in CHECKPOINT_EDITS])
-def test_an_edited_checkpoint_is_refused_before_training(interrupted_run, path, value, message):
-    state = torch.load(interrupted_run, weights_only=True)
-    edit(state, path, value)
-    torch.save(state, interrupted_run)
-    code, stdout, stderr = run_main([*RUN, "--output-dir", interrupted_run.parent, "--resume"])
-    one_line_error(code, stderr, f"cannot use {interrupted_run}", message, "delete it to start that seed afresh")
-    assert " epoch " not in stdout
-
-
-@pytest.mark.parametrize(
-    "part, change, message",
-    [
-        ("optimizer", lambda o: o["param_groups"][0].update(momentum=5.0), "its optimizer settings are not"),
-        ("optimizer", lambda o: o["state"][0].update(momentum_buffer=torch.zeros(2)), "a momentum buffer of shape"),
-        ("model", lambda m: m.update({"head.weight": torch.zeros(3, 3)}), "size mismatch"),
-    ],
-)
-def test_a_checkpoint_whose_tensors_do_not_fit_the_arm_is_refused(interrupted_run, part, change, message):
-    state = torch.load(interrupted_run, weights_only=True)
-    change(state[part])
-    torch.save(state, interrupted_run)
-    code, _, stderr = run_main([*RUN, "--output-dir", interrupted_run.parent, "--resume"])
-    one_line_error(code, stderr, f"cannot restore {interrupted_run}", message)
-
-
-class Payload:
-    def __reduce__(self):
-        return (print, ("ran",))
-
-
-def test_a_pickle_payload_checkpoint_is_refused_without_advising_the_unsafe_way(interrupted_run):
-    torch.save({"config": Payload()}, interrupted_run)
-    code, stdout, stderr = run_main([*RUN, "--output-dir", interrupted_run.parent, "--resume"])
-    one_line_error(code, stderr, "holds Python objects other than tensors and plain values, which are never loaded")
-    assert "weights_only" not in stderr and "ran" not in stdout
-
-
 # ----- messages never lead to data loss -----
-
-
-def test_an_interrupt_while_resume_checks_never_says_nothing_to_resume(interrupted_run, monkeypatch):
-    def interrupted(*args):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(launch, "check_resumable", interrupted)
-    code, _, stderr = run_main([*RUN, "--output-dir", interrupted_run.parent, "--resume"])
-    assert code == 130 and "nothing to resume" not in stderr and "--resume" in stderr
-    assert interrupted_run.exists()
 
 
 INTERRUPT_WHILE_IMPORTING = """
@@ -381,32 +311,6 @@ def test_a_hostile_replay_log_is_one_line(tmp_path, name, content, message):
 # ----- faults while running: one line, nothing lost; real bugs keep their traceback -----
 
 
-def test_disk_full_while_checkpointing_keeps_the_last_checkpoint_and_resumes(tmp_path, monkeypatch, default_run):
-    real = torch.save
-
-    def full_at_the_third(obj, f):
-        if obj["next_epoch"] == 3:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(obj, f)
-
-    monkeypatch.setattr(training.torch, "save", full_at_the_third)
-    code, _, stderr = run_main([*TINY, *ALL_PHASES, "--output-dir", tmp_path])
-    one_line_error(code, stderr, "cannot write", "checkpoint_seed_42_baseline.pt (No space left on device)")
-    assert torch.load(tmp_path / "checkpoint_seed_42_baseline.pt", weights_only=True)["next_epoch"] == 2
-    assert files_left(tmp_path) == ["checkpoint_seed_42_baseline.pt"]
-    monkeypatch.undo()
-    assert run_main([*TINY, *ALL_PHASES, "--output-dir", tmp_path, "--resume"])[0] == 0
-    _, uninterrupted, _ = default_run
-    assert (
-        read_json(tmp_path / "results_seed_42.json")["phase_aware"]["per_epoch"]["train_loss"]
-        == (uninterrupted["phase_aware"]["per_epoch"]["train_loss"])
-    )
-
-
-def files_left(folder):
-    return sorted(p.name for p in folder.iterdir())
-
-
 @pytest.mark.parametrize(
     "error, one_line",
     [
@@ -450,7 +354,7 @@ def test_under_torchrun_a_bad_checkpoint_on_one_rank_stops_every_rank_before_tra
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command += [str(ROOT / "phase_controller.py"), *RUN, "--seeds", "1,2", "--resume", "--output-dir", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
     assert result.returncode != 0 and " epoch " not in result.stdout
     ours = [line for line in result.stderr.splitlines() if line.startswith("phase_controller.py: error: ")]
     assert len(ours) == 1 and "checkpoint_seed_2_baseline.pt" in ours[0] and "found on rank 1" in ours[0]

@@ -3,7 +3,8 @@ the package and the live progress line."""
 
 import ast
 import doctest
-import io
+import math
+import re
 import subprocess
 import sys
 import tomllib
@@ -14,7 +15,6 @@ import torch
 from helpers import ROOT, run_documented_code, run_main
 
 import phase_controller as pc
-from phase_cifar10 import progress
 
 pytestmark = pytest.mark.fast
 
@@ -228,11 +228,113 @@ def test_bad_input_to_the_classes_is_a_clear_error(make, error):
         make()
 
 
+# ----- all or nothing: a state from a differently built scheduler, a grown optimizer, a failing base -----
+
+
+def scheduler_at_epoch(optimizer, make_base=None, make_controller=controller, fixed=1.0, epochs=3):
+    """A PhaseScheduler stepped through `epochs` epochs of the scripted curve."""
+    base = make_base(optimizer) if make_base else None
+    scheduler = pc.PhaseScheduler(optimizer, make_controller() if make_controller else None, base, fixed_lr_mult=fixed)
+    step_through(scheduler, optimizer, range(epochs))
+    return scheduler
+
+
+def step_lr(optimizer):
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+
+
+def everything(scheduler):
+    return scheduler.state_dict(), [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
+@pytest.mark.parametrize(
+    "saved, loader, message",
+    [
+        # A StepLR-based state into a constant base would run at 0.0125 where it ran at 0.003125.
+        (dict(make_base=step_lr), dict(), "built without a base"),
+        (dict(), dict(make_base=step_lr), "built with a base"),
+        (dict(), dict(make_controller=None), "built without a controller"),  # its controller would be dropped
+        (dict(make_controller=None), dict(), "built with a controller"),
+        (dict(make_controller=None, fixed=2.0), dict(make_controller=None, fixed=0.5), "the fixed (0.5, 1)"),
+    ],
+    ids=["base into none", "none into a base", "controller into none", "none into a controller", "fixed 2 into 0.5"],
+)
+def test_a_state_from_a_differently_built_scheduler_is_refused_and_changes_nothing(saved, loader, message):
+    state = scheduler_at_epoch(two_groups(), **saved).state_dict()
+    target = scheduler_at_epoch(two_groups(), epochs=1, **loader)
+    before = everything(target)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        target.load_state_dict(state)
+    assert everything(target) == before
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda s: s.update(lr_mult=50.0), "is not what its phase asks"),
+        (lambda s: s.update(accumulation=4), "is not what its phase asks"),
+        (lambda s: s.update(unscaled_lrs=[10 * lr for lr in s["unscaled_lrs"]]), "the base's own LRs"),
+        (lambda s: s.update(unscaled_lrs=[0.1]), "a finite LR per param group"),
+        (lambda s: s.update(last_epoch=-1), "last_epoch"),
+        (lambda s: s["controller"].update(best_eval=math.nan), "best_eval"),
+    ],
+)
+def test_a_state_whose_parts_disagree_is_refused_and_changes_nothing(change, message):
+    state = scheduler_at_epoch(two_groups(), make_base=step_lr, epochs=4).state_dict()  # in S1: (1.1, 1)
+    change(state)
+    target = scheduler_at_epoch(two_groups(), make_base=step_lr, epochs=2)
+    before = everything(target)
+    with pytest.raises(ValueError, match=message):
+        target.load_state_dict(state)
+    assert everything(target) == before
+
+
+@pytest.mark.parametrize("state", ["x", None, [1, 2]])
+def test_load_state_dict_of_a_non_dict_is_a_value_error(state):
+    with pytest.raises(ValueError, match="not a PhaseScheduler state_dict"):
+        pc.PhaseScheduler(two_groups(), controller()).load_state_dict(state)
+
+
+def test_a_param_group_added_after_construction_is_a_clear_error_and_changes_nothing():
+    optimizer = two_groups()
+    scheduler = scheduler_at_epoch(optimizer, make_base=step_lr, epochs=3)
+    optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.5})
+    before = everything(scheduler)
+    for call in (scheduler.step, lambda: scheduler.observe(1.0)):
+        with pytest.raises(ValueError, match="an optimizer of 3 param groups, not 2: build this after add_param_group"):
+            call()
+        assert everything(scheduler) == before
+
+
+@pytest.mark.parametrize(
+    "make_base",
+    [
+        lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, patience=0),  # step() without its metric
+        lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=2),  # stepped past its end
+    ],
+    ids=["ReduceLROnPlateau without its metric", "OneCycleLR past its total_steps"],
+)
+def test_a_base_step_that_raises_leaves_the_scheduler_and_the_optimizer_as_they_were(make_base):
+    optimizer = two_groups()
+    scheduler = pc.PhaseScheduler(optimizer, controller(), make_base(optimizer))
+    for loss in LOSSES[:3]:  # into S1: the optimizer runs at 1.1 times the base's LRs
+        scheduler.observe(loss)
+    with pytest.raises((TypeError, ValueError)):
+        for _ in range(5):
+            before = everything(scheduler)
+            optimizer.step()
+            scheduler.step()
+    assert everything(scheduler) == before and scheduler.lr_mult == 1.1
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx(
+        [lr * 1.1 for lr in scheduler.unscaled_lrs]
+    )
+
+
 def test_losses_may_be_numpy_or_torch_numbers():
     ctl = pc.PhaseController()
     ctl.observe(np.float32(2.5))
     ctl.observe(torch.tensor(2.0))
-    assert ctl.losses == [2.5, 2.0] and ctl.dL == pytest.approx(-0.5)
+    assert ctl.recent_losses == [2.5, 2.0] and ctl.dL == pytest.approx(-0.5)
 
 
 # ----- the relative slope -----
@@ -302,65 +404,6 @@ def test_package_dependencies_are_the_requirements():
     requirements = [line for line in lines if line and not line.startswith("#")]
     assert requirements == project["dependencies"] + project["optional-dependencies"]["demo"]
     assert project["scripts"] == {"phase-controller": "phase_cifar10:main"}
-
-
-# ----- the live progress line -----
-
-
-class Terminal(io.StringIO):
-    def isatty(self):
-        return True
-
-
-def test_progress_line_on_a_terminal():
-    batches = [(torch.zeros(4), torch.zeros(4)) for _ in range(3)]
-    terminal = Terminal()
-    assert list(progress.show_batches(iter(batches), 3, "seed 1 baseline", stream=terminal)) == batches
-    text = terminal.getvalue()
-    assert "\rseed 1 baseline  batch 3/3  " in text and " img/s  ETA 0s" in text and "\n" not in text
-    assert text.endswith("\r\x1b[K")  # cleared for the epoch's own line
-
-
-def test_no_progress_line_in_a_pipe():
-    stream = io.StringIO()
-    batches = [(torch.zeros(4), torch.zeros(4)) for _ in range(3)]
-    assert list(progress.show_batches(iter(batches), 3, "x", stream=stream)) == batches and stream.getvalue() == ""
-
-
-def test_the_first_batches_give_one_estimate_of_the_run(capsys):
-    seen = []
-    batches = [(torch.zeros(4), torch.zeros(4)) for _ in range(30)]
-    list(progress.show_batches(iter(batches), 30, "x", estimate=lambda *a: seen.append(a), stream=io.StringIO()))
-    assert len(seen) == 1 and seen[0][0] == 4 * progress.ESTIMATE_AFTER_BATCHES
-    # 6 arm-epochs of 1,000 training and 300 evaluated images (a third of a training image's cost
-    # each) at 10 images/s: 6 * (100 s + 10 s) = 11 minutes.
-    run = progress.Progress(6, train_images=1000, eval_images=300)
-    run.estimate(images=50, seconds=5.0)
-    run.estimate(images=50, seconds=1.0)  # once only
-    assert capsys.readouterr().out == "first batches at 10 images/s: about 11m00s for this run\n"
-    short = progress.Progress(1, train_images=100, eval_images=0)
-    short.estimate(images=100, seconds=1.0)  # a run of seconds needs no estimate
-    assert capsys.readouterr().out == ""
-
-
-class QueuedBatch:
-    """Labels on an accelerator that runs behind the host: only their count and device matter here."""
-
-    def __init__(self, n, device):
-        self.n, self.device = n, torch.device(device)
-
-    def __len__(self):
-        return self.n
-
-
-def test_progress_line_waits_for_the_accelerator_before_reading_the_clock(monkeypatch):
-    waits = []
-    monkeypatch.setattr(torch.cuda, "synchronize", waits.append)
-    batches = [(None, QueuedBatch(4, "cuda:0")) for _ in range(3)]
-    terminal = Terminal()
-    assert len(list(progress.show_batches(iter(batches), 3, "x", stream=terminal))) == 3
-    drawn = terminal.getvalue().count("batch ")
-    assert drawn >= 1 and waits == [torch.device("cuda:0")] * drawn  # once per line drawn, never per batch
 
 
 # Run before anything else in a child process: numpy, matplotlib and torchvision cannot be imported.
