@@ -440,16 +440,21 @@ def train_seeds(launch, plans, finished):
     diverged = []
     for seed, plan in todo.items():
         results = seed_results(plan.config, training.train_seed(seed_job(launch, seed, plan, progress)))
-        plot_seed(results, figure_path(folder, seed))
-        # Last: its existence means the seed is complete (--resume skips it, --summarize reads it).
-        write_json(results_path(folder, seed), results)
-        for path in folder.glob(checkpoint_path(folder, seed, suffix=".*").name):
-            path.unlink()
-        print_seed_result(results)
-        print(f"seed {seed}: wrote {results_path(folder, seed)} and {figure_path(folder, seed).name}")
+        write_seed(folder, seed, results)
         diverged += [f"seed {seed} {name} in epoch {results[name]['diverged_epoch'] + 1}" for name in ARMS
                      if name in results and results[name]["status"] == "diverged"]  # fmt: skip
     return diverged
+
+
+def write_seed(folder, seed, results):
+    """A trained seed's figure, then its results file, then its checkpoints gone; what it showed."""
+    plot_seed(results, figure_path(folder, seed))
+    # Last: its existence means the seed is complete (--resume skips it, --summarize reads it).
+    write_json(results_path(folder, seed), results)
+    for path in folder.glob(checkpoint_path(folder, seed, suffix=".*").name):
+        path.unlink()
+    print_seed_result(results)
+    print(f"seed {seed}: wrote {results_path(folder, seed)} and {figure_path(folder, seed).name}")
 
 
 def remove_leftovers(folder, seed, earlier_run):

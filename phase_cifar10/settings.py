@@ -226,7 +226,8 @@ IDENTITY = (
 )  # fmt: skip
 
 
-# Recorded since 2026-12: the data's fingerprint, and the CPU threads (which change a CPU run's last bits).
+# Recorded by newer runs, so older files may lack them: the data's fingerprint, and the CPU threads
+# (which change a CPU run's last bits).
 RECORDED_SINCE = ("data_fingerprint", "threads")
 
 
@@ -243,7 +244,7 @@ def differences(before, now, where=("there", "now")):
     def shown(values, key):
         return repr(values[key]) if key in values else "absent"
 
-    keys = [k for k in (*IDENTITY, *RECORDED_SINCE) if shown(before, k) != shown(now, k)]
+    keys = [k for k in (*IDENTITY, *RECORDED_SINCE) if (k in before, before.get(k)) != (k in now, now.get(k))]
     return [f"{k} {shown(before, k)} {where[0]}, {shown(now, k)} {where[1]}" for k in keys]
 
 
