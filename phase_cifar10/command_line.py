@@ -5,14 +5,12 @@ import io
 import os
 import shlex
 import sys
-from pathlib import Path
 
 import torch
 
 from .evidence import write_summary
 from .files import UserError, one_line, os_error
-from .launch import NothingToResume, StoppedOnRank0, run_training
-from .records import checkpoint_path, results_path
+from .launch import NothingToResume, StoppedOnRank0, earlier_work, run_training
 from .replay import replay
 from .settings import Settings
 
@@ -110,13 +108,10 @@ def what_to_do_next(settings, argv, prog, out_of_memory=False):
 
 
 def has_work(settings):
-    """Whether the output folder holds a checkpoint or results file of a seed of this run (or cannot tell)."""
-    folder = Path(settings.output_dir)
+    """Whether the output folder holds a checkpoint, epoch log or results file of a seed of this run
+    (or cannot tell)."""
     try:
-        return any(
-            any(folder.glob(checkpoint_path(folder, seed).name)) or results_path(folder, seed).exists()
-            for seed in settings.seeds_to_run()
-        )
+        return bool(earlier_work(settings.output_dir, settings.seeds_to_run()))
     except OSError:
         return True  # cannot tell: advise --resume, which loses nothing
 

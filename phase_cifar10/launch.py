@@ -451,8 +451,7 @@ def write_seed(folder, seed, results):
     plot_seed(results, figure_path(folder, seed))
     # Last: its existence means the seed is complete (--resume skips it, --summarize reads it).
     write_json(results_path(folder, seed), results)
-    for path in folder.glob(checkpoint_path(folder, seed, suffix=".*").name):
-        path.unlink()
+    remove_checkpoints(folder, seed)
     print_seed_result(results)
     print(f"seed {seed}: wrote {results_path(folder, seed)} and {figure_path(folder, seed).name}")
 
@@ -493,6 +492,11 @@ def finish_skipped_seed(seed, results, folder):
     if not figure.exists():
         plot_seed(results, figure)
         print(f"seed {seed}: redrew {figure.name} from the results file")
+    remove_checkpoints(folder, seed)
+
+
+def remove_checkpoints(folder, seed):
+    """A seed's checkpoints and epoch logs, once its results file holds all they did."""
     for path in folder.glob(checkpoint_path(folder, seed, suffix=".*").name):
         path.unlink()
 

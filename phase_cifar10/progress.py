@@ -27,10 +27,14 @@ class Progress:
     def eta(self):
         return duration(max(self.total - self.done, 0) * self.seconds / max(self.done, 1))
 
+    def wants_estimate(self):
+        """Whether the run's first epoch is under way and no estimate was printed yet."""
+        return not (self.estimated or self.done)
+
     def estimate(self, images, seconds):
         """Once, before the run's first epoch ends: the run's time from the speed of its first batches,
         an evaluated image counted at a third of a trained one (a forward pass, no backward)."""
-        if self.estimated or self.done or not images or seconds <= 0:
+        if not self.wants_estimate() or not images or seconds <= 0:
             return
         self.estimated = True
         evaluation = 1 + self.eval_images / (3 * max(self.train_images, 1))

@@ -264,7 +264,7 @@ def check_checkpoint(state, name, seed):
     require(not missing, f"not a whole checkpoint: it lacks {missing}")
     require(isinstance(state["config"], dict), "no config")
     check_settings(state["config"])
-    config = state["config"]
+    config, settings = state["config"], identity(state["config"])
     require(config["seed"] == seed, f"its config's seed is {config['seed']}, not its file name's {seed}")
     epochs = config["epochs"]
     next_epoch, record, scheduler = state["next_epoch"], state["arm"], state["scheduler"]
@@ -277,13 +277,13 @@ def check_checkpoint(state, name, seed):
     controller, log = scheduler.get("controller"), record["per_epoch"]
     if name == PHASE_AWARE:
         require(isinstance(controller, dict), "no controller in the phase arm")
-        window = identity(config)["dl_window"] + 1
+        window = settings["dl_window"] + 1
         seen = (controller.get("recent_losses"), controller.get("epochs_seen"))
         require(seen == (log["train_loss"][-window:], len(log["train_loss"])), "its controller did not see the "
                 "training losses its log records")  # fmt: skip
         last = log["phase"][-1] if log["phase"] else controller.get("phase")
         require(controller.get("phase") == last, "its controller's phase is not the last one logged")
-        asked = phase_table(identity(config)["lr_pulse"], identity(config)["grad_accum"]).get(last)
+        asked = phase_table(settings["lr_pulse"], settings["grad_accum"]).get(last)
     else:
         require(controller is None, f"a controller in the {name} arm")
         asked = (record.get("fixed_lr_mult"), 1)

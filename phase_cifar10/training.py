@@ -227,7 +227,9 @@ def job_batches(job, epoch, label):
     """The epoch's training batches, shown on a terminal as they are consumed."""
     batch_size = job.config["batch_size"]
     batches = job.train.train_batches(batch_size, job.seed, epoch)
-    return show_batches(batches, math.ceil(len(job.train) / batch_size), label, estimate=job.progress.estimate)
+    # Only the run's first epoch times its first batches (a wait for an accelerator's queue).
+    estimate = job.progress.estimate if job.progress.wants_estimate() else None
+    return show_batches(batches, math.ceil(len(job.train) / batch_size), label, estimate=estimate)
 
 
 def seed_everything(seed):
