@@ -5,6 +5,7 @@ import functools
 import os
 import subprocess
 import sys
+import threading
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import __version__, training
+from . import __version__, steps, training
 from .data import Dataset, cifar10_dataset, data_label, fingerprint, prepare_cifar10, split_indices, synthetic_dataset
 from .evidence import print_seed_result, seed_results, write_summary
 from .figures import plot_seed
@@ -437,12 +438,20 @@ def train_seeds(launch, plans, finished):
     sizes = next(iter(todo.values())).config if todo else {"train_size": 0, "test_size": 0}
     evaluated = sizes["test_size"] + settings.val_size
     progress = Progress(len(todo) * arms * settings.epochs, sizes["train_size"], evaluated)
+    at_once = settings.concurrent_arms or (len(todo) * arms if launch.device.type == "cuda" else 1)
+    if at_once > 1:
+        on = " on a CUDA stream" if launch.device.type == "cuda" else ""
+        print(f"up to {min(at_once, len(todo) * arms)} arms at once, each in a thread{on}")
     diverged = []
-    for seed, plan in todo.items():
-        results = seed_results(plan.config, training.train_seed(seed_job(launch, seed, plan, progress)))
-        write_seed(folder, seed, results)
-        diverged += [f"seed {seed} {name} in epoch {results[name]['diverged_epoch'] + 1}" for name in ARMS
-                     if name in results and results[name]["status"] == "diverged"]  # fmt: skip
+
+    def seed_done(job, records):
+        results = seed_results(job.config, records)
+        write_seed(folder, job.seed, results)
+        diverged.extend(f"seed {job.seed} {name} in epoch {results[name]['diverged_epoch'] + 1}" for name in ARMS
+                        if name in results and results[name]["status"] == "diverged")  # fmt: skip
+
+    jobs = seed_jobs(launch, todo, progress, batch_line=at_once == 1)
+    training.train_seeds(jobs, max(at_once, 1), seed_done)
     return diverged
 
 
@@ -467,22 +476,41 @@ def remove_leftovers(folder, seed, earlier_run):
         path.unlink(missing_ok=True)
 
 
-def seed_job(launch, seed, plan, progress):
-    """The seed's training job: its splits moved onto the device, in the layout the model uses there."""
-    device, data = launch.device, plan.data
-    layout = memory_format_for(device, launch.settings.width)
+def seed_jobs(launch, plans, progress, batch_line):
+    """Each seed's training job. The splits go onto the device once, in the layout the model uses
+    there, and serve every seed that trains on the same images (every seed, on CIFAR-10)."""
+    device, settings = launch.device, launch.settings
+    layout = memory_format_for(device, settings.width)
+    on_device, stop = {}, threading.Event()
 
-    def split(images, labels):
-        return DeviceSplit(images, labels, device, layout)
+    def split(data, part, indices=None):
+        key = (id(data), part, None if indices is None else indices.tobytes())
+        if key not in on_device:
+            images, labels = (data.test_x, data.test_y) if part == "test" else (data.train_x, data.train_y)
+            if indices is not None:
+                images, labels = images[indices], labels[indices]
+            on_device[key] = DeviceSplit(images, labels, device, layout)
+        return on_device[key]
 
-    return training.SeedJob(
-        seed=seed, config=plan.config, device=device,
-        train=split(data.train_x[plan.train_idx], data.train_y[plan.train_idx]),
-        test=split(data.test_x, data.test_y),
-        val=split(data.train_x[plan.val_idx], data.train_y[plan.val_idx]) if launch.settings.val_size else None,
-        autocast=functools.partial(autocast_for, device, launch.precision),
-        folder=launch.output_dir, resume=launch.settings.resume, progress=progress,
-    )  # fmt: skip
+    capture = steps.cuda_graph if device.type == "cuda" and not settings.eager else None
+    return [
+        training.SeedJob(
+            seed=seed,
+            config=plan.config,
+            device=device,
+            train=split(plan.data, "train", plan.train_idx),
+            test=split(plan.data, "test"),
+            val=split(plan.data, "train", plan.val_idx) if settings.val_size else None,
+            autocast=functools.partial(autocast_for, device, launch.precision),
+            folder=launch.output_dir,
+            resume=settings.resume,
+            progress=progress,
+            capture=capture,
+            stop=stop,
+            batch_line=batch_line,
+        )  # fmt: skip
+        for seed, plan in plans.items()
+    ]
 
 
 def finish_skipped_seed(seed, results, folder):

@@ -51,8 +51,8 @@ class DeviceSplit:
     def train_batches(self, batch_size, seed, epoch):
         """Shuffled, augmented batches; the last one may be smaller (nothing is dropped).
 
-        The whole epoch is shuffled, cropped and flipped at once, so a batch costs one slice and
-        its normalization, not a dozen small kernels."""
+        The whole epoch is shuffled, cropped, flipped and normalized at once, so a batch is a slice:
+        no kernel of its own."""
         n, g = len(self), epoch_generator(seed, epoch)
         # Drawn on the CPU so that batches are the same on every device type.
         order = torch.randperm(n, generator=g)
@@ -60,11 +60,11 @@ class DeviceSplit:
         flips = torch.rand(n, generator=g) < 0.5
         device = self.images.device
         order, shifts, flips = order.to(device), shifts.to(device), flips.to(device)
-        images, labels = crop_and_flip(self.images[order], shifts, flips), self.labels[order]
+        images, labels = self.normalize(crop_and_flip(self.images[order], shifts, flips)), self.labels[order]
         for start in range(0, n, batch_size):
-            yield self.normalize(images[start : start + batch_size]), labels[start : start + batch_size]
+            yield images[start : start + batch_size], labels[start : start + batch_size]
 
     def eval_batches(self, batch_size):
+        images = self.normalize(self.images)  # elementwise: the same numbers as batch by batch
         for start in range(0, len(self), batch_size):
-            end = start + batch_size
-            yield self.normalize(self.images[start:end]), self.labels[start:end]
+            yield images[start : start + batch_size], self.labels[start : start + batch_size]

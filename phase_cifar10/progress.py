@@ -1,6 +1,7 @@
 """Progress on the console: the ETA over a whole run, and a terminal's self-updating batch line."""
 
 import sys
+import threading
 import time
 
 import torch
@@ -10,22 +11,26 @@ LONG_RUN_SECONDS = 120  # shorter runs print no estimate: their first epoch's ET
 
 
 class Progress:
-    """Epochs done and an ETA over all the epochs this process still has to train; an arm-epoch
-    trains train_images and evaluates eval_images."""
+    """Epochs done and an ETA over all the epochs this process still has to train, from the wall
+    time so far (arms may train at once, in threads); an arm-epoch trains train_images and
+    evaluates eval_images."""
 
     def __init__(self, total_epochs, train_images=0, eval_images=0):
-        self.total, self.done, self.seconds = total_epochs, 0, 0.0
+        self.total, self.done, self.started = total_epochs, 0, time.perf_counter()
         self.train_images, self.eval_images, self.estimated = train_images, eval_images, False
+        self.counting = threading.Lock()
 
     def skip(self, epochs):  # epochs restored from a checkpoint, or never run (divergence)
-        self.total -= epochs
+        with self.counting:
+            self.total -= epochs
 
-    def epoch_done(self, seconds):
-        self.done += 1
-        self.seconds += seconds
+    def epoch_done(self):
+        with self.counting:
+            self.done += 1
 
     def eta(self):
-        return duration(max(self.total - self.done, 0) * self.seconds / max(self.done, 1))
+        seconds = time.perf_counter() - self.started
+        return duration(max(self.total - self.done, 0) * seconds / max(self.done, 1))
 
     def wants_estimate(self):
         """Whether the run's first epoch is under way and no estimate was printed yet."""

@@ -87,6 +87,10 @@ class Settings:
     output_dir: str = setting("results", "results, figures, checkpoints", RUN, PATH)
     resume: bool = setting(False, "continue from the checkpoints; skip finished seeds", RUN)
     restart: bool = setting(False, "train the seeds afresh, replacing their checkpoints and results", RUN)
+    concurrent_arms: int = setting(
+        0, "arms trained at once, in threads (0: every arm at once on CUDA, one at a time elsewhere)", RUN, whole(0)
+    )
+    eager: bool = setting(False, "on CUDA, run every step eagerly instead of replaying CUDA graphs (slower)", RUN)
     control: str = setting(
         "none", "lr-matched: a third arm, accumulation 1, at one constant LR multiplier that matches the phase "
         "arm's total update (sum of LR x optimizer steps)", RUN, one_of("none", "lr-matched"),
@@ -135,10 +139,14 @@ class Settings:
 
     def recorded(self):
         """What a results file's config records of these settings: all but how to run."""
-        return {k: v for k, v in self.values().items() if k not in ("resume", "restart", "summarize", "replay")}
+        return {k: v for k, v in self.values().items() if k not in HOW_TO_RUN}
 
     def seeds_to_run(self):
         return seeds_in(self.seeds)
+
+
+# Settings that change how a run computes, never what: not recorded in its files.
+HOW_TO_RUN = ("resume", "restart", "concurrent_arms", "eager", "summarize", "replay")
 
 
 # ----- the command line -----

@@ -4,20 +4,21 @@ import io
 import json
 import math
 import random
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from phase_controller import PhaseScheduler
 
 from .files import RESTART, UserError, append_to_file, one_line, os_error, signals_deferred, write_atomically
 from .loader import DeviceSplit
-from .model import EVAL_BATCH_SIZE, EVAL_BATCH_SIZE_CPU, MOMENTUM, WEIGHT_DECAY, base_lr_at, build_model
+from .model import MOMENTUM, WEIGHT_DECAY, base_lr_at, build_model
 from .progress import Progress, show_batches
 from .records import (
     ARM_LOGS,
@@ -34,6 +35,7 @@ from .records import (
     load_checkpoint,
 )
 from .settings import controller_of
+from .steps import evaluate, train_epoch
 
 
 @dataclass
@@ -50,17 +52,79 @@ class SeedJob:
     folder: Path  # where the checkpoints go
     resume: bool  # continue each arm from its checkpoint, where there is one
     progress: Progress
+    capture: Callable | None = None  # steps.cuda_graph on CUDA: full windows replay a CUDA graph
+    stop: threading.Event = field(default_factory=threading.Event)  # set: the arm stops before its next batch
+    batch_line: bool = True  # the terminal's self-updating batch line (not while arms train at once)
 
 
-def train_seed(job):
-    """Every arm of one seed, one after another: {arm name: its record}."""
-    seed_everything(job.seed)
-    records = {BASELINE: train_arm(job, Arm(job, BASELINE))}
-    records[PHASE_AWARE] = train_arm(job, Arm(job, PHASE_AWARE, controller=controller_of(job.config)))
-    records[PHASE_AWARE]["mean_lr_mult"] = float(np.mean(records[PHASE_AWARE]["per_epoch"]["lr_mult"] or [1.0]))
-    if CONTROL in arms_of(job.config):
-        records[CONTROL] = train_control(job, records[PHASE_AWARE])
-    return records
+def train_seeds(jobs, at_once, seed_done):
+    """Every arm of every job, at most at_once arms at a time, the earliest seed's first; calls
+    seed_done(job, records) in this thread as soon as a seed's arms are all done.
+
+    Each seed trains its baseline and phase arm, then its control: the control's constant needs the
+    phase arm's whole schedule. With at_once 1 the arms train in this thread, seed after seed, in
+    that order. Otherwise each arm trains in a thread of its own; arms are built (models initialized,
+    checkpoints restored) here, one at a time, since initialization draws from torch's global RNG.
+    An error or Ctrl-C stops every arm before its next batch; their last checkpoints stand.
+    """
+    records = {job.seed: {} for job in jobs}
+    ready = []  # (seed's place, arm's place, job, the arm's constructor): the smallest trains next
+    for place, job in enumerate(jobs):
+        ready += [(place, 0, job, lambda job=job: Arm(job, BASELINE)),
+                  (place, 1, job, lambda job=job: Arm(job, PHASE_AWARE, controller_of(job.config)))]  # fmt: skip
+
+    def next_arm():
+        ready.sort(key=lambda task: task[:2])
+        place, arm_place, job, build = ready.pop(0)
+        if arm_place == 0:
+            seed_everything(job.seed)
+        return job, build()
+
+    def done(job, arm, record):
+        records[job.seed][arm.name] = record
+        if arm.name == PHASE_AWARE:
+            record["mean_lr_mult"] = float(np.mean(record["per_epoch"]["lr_mult"] or [1.0]))
+            if CONTROL in arms_of(job.config):
+                control = control_arm(job, record)
+                if isinstance(control, Arm):
+                    ready.append((jobs.index(job), 2, job, lambda: control))
+                else:
+                    records[job.seed][CONTROL] = control
+        if len(records[job.seed]) == len(arms_of(job.config)):
+            seed_done(job, records[job.seed])
+
+    if at_once == 1:
+        while ready:
+            job, arm = next_arm()
+            done(job, arm, train_arm_on_its_stream(job, arm))
+        return
+    with ThreadPoolExecutor(at_once) as pool:
+        running = {}
+        try:
+            while ready or running:
+                while ready and len(running) < at_once:
+                    job, arm = next_arm()
+                    running[pool.submit(train_arm_on_its_stream, job, arm)] = job, arm
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    done(*running.pop(future), future.result())
+        except BaseException:
+            for job in jobs:
+                job.stop.set()  # the other arms stop before their next batch; the pool waits for them
+            raise
+
+
+def train_arm_on_its_stream(job, arm):
+    """train_arm; on CUDA on a stream of the arm's own, so that arms in threads overlap on the GPU
+    and windows can be captured (never on the default stream)."""
+    if job.device.type != "cuda":
+        return train_arm(job, arm)
+    stream = torch.cuda.Stream(job.device)
+    stream.wait_stream(torch.cuda.current_stream(job.device))  # the data and the arm were made there
+    with torch.cuda.stream(stream):
+        record = train_arm(job, arm)
+    torch.cuda.current_stream(job.device).wait_stream(stream)
+    return record
 
 
 def train_arm(job, arm):
@@ -70,7 +134,7 @@ def train_arm(job, arm):
         row, start = arm.in_force(), time.perf_counter()
         batches = job_batches(job, epoch, label=arm.label(epoch))
         row["train_loss"], row["train_acc"], row["steps"] = train_epoch(
-            arm.model, arm.optimizer, batches, arm.scheduler.accumulation, job.autocast()
+            arm.model, arm.optimizer, batches, arm.scheduler.accumulation, job.autocast(), job.capture
         )
         row["train_seconds"] = time.perf_counter() - start
         # 2. Evaluate on the test split (and the validation split), unless training diverged.
@@ -142,7 +206,7 @@ class Arm:
             row |= {"phase": self.controller.phase, "dL": self.controller.dL}
         for key, value in row.items():
             self.record["per_epoch"].setdefault(key, []).append(value)
-        self.job.progress.epoch_done(row["train_seconds"] + row["eval_seconds"])
+        self.job.progress.epoch_done()
         log_epoch(self, epoch, row)
 
     def save(self, next_epoch):
@@ -226,77 +290,37 @@ def with_accuracies(record, selected_by):
 def job_batches(job, epoch, label):
     """The epoch's training batches, shown on a terminal as they are consumed."""
     batch_size = job.config["batch_size"]
-    batches = job.train.train_batches(batch_size, job.seed, epoch)
+    batches = until_stopped(job.train.train_batches(batch_size, job.seed, epoch), job.stop)
+    if not job.batch_line:
+        return batches
     # Only the run's first epoch times its first batches (a wait for an accelerator's queue).
     estimate = job.progress.estimate if job.progress.wants_estimate() else None
     return show_batches(batches, math.ceil(len(job.train) / batch_size), label, estimate=estimate)
+
+
+class Stopped(Exception):
+    """Another arm failed, or Ctrl-C: this arm leaves its epoch; its last checkpoint stands."""
+
+
+def until_stopped(batches, stop):
+    for batch in batches:
+        if stop.is_set():
+            raise Stopped
+        yield batch
+
+
+def evaluate_splits(model, job):
+    """Loss and accuracy on the test split, and on the validation split where there is one."""
+    row = dict(zip(("eval_loss", "eval_acc"), evaluate(model, job.test, job.autocast(), job.capture), strict=True))
+    if job.val is not None:
+        row |= dict(zip(("val_loss", "val_acc"), evaluate(model, job.val, job.autocast(), job.capture), strict=True))
+    return row
 
 
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # seeds every CUDA device too
-
-
-def train_epoch(model, optimizer, batches, accumulation, autocast):
-    """One pass over batches; returns (mean per-sample loss, accuracy %, optimizer steps), the sums
-    read from the device once.
-
-    With accumulation k the optimizer steps after every k micro-batches and after the last one of
-    the epoch, so B micro-batches take ceil(B/k) steps. Every step uses the per-sample mean gradient
-    over exactly the samples of its window: micro-batch losses are summed over samples and the
-    window's gradient is divided by its sample count before the step. So a short last window (391
-    batches with k=2) steps at full strength, and micro-batches of unequal size weigh by their size.
-    """
-    model.train()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    loss_sum, correct, seen, steps, in_window, window_samples = 0.0, 0, 0, 0, 0, 0
-    for images, labels in batches:
-        with autocast:
-            logits = model(images)
-            loss = F.cross_entropy(logits, labels, reduction="sum")
-        loss.backward()
-        in_window, window_samples = in_window + 1, window_samples + len(labels)
-        if in_window == accumulation:
-            step_on_window_mean(optimizer, params, window_samples)
-            steps, in_window, window_samples = steps + 1, 0, 0
-        # Device-side running sums: no host sync per step.
-        loss_sum = loss_sum + loss.detach().float()
-        correct = correct + (logits.argmax(1) == labels).sum()
-        seen += len(labels)
-    if in_window:
-        step_on_window_mean(optimizer, params, window_samples)
-        steps += 1
-    return float(loss_sum) / seen, 100.0 * float(correct) / seen, steps
-
-
-def step_on_window_mean(optimizer, params, samples):
-    """Turn the summed gradient of a window into its per-sample mean, step, and clear it."""
-    torch._foreach_div_([p.grad for p in params if p.grad is not None], samples)  # one launch, not one per tensor
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def evaluate_splits(model, job):
-    """Loss and accuracy on the test split, and on the validation split where there is one."""
-    row = dict(zip(("eval_loss", "eval_acc"), evaluate(model, job.test, job.autocast()), strict=True))
-    if job.val is not None:
-        row |= dict(zip(("val_loss", "val_acc"), evaluate(model, job.val, job.autocast()), strict=True))
-    return row
-
-
-@torch.no_grad()
-def evaluate(model, split, autocast):
-    """(mean per-sample loss, accuracy %) over a whole split."""
-    model.eval()
-    loss_sum, correct = 0.0, 0
-    batch_size = EVAL_BATCH_SIZE_CPU if split.images.device.type == "cpu" else EVAL_BATCH_SIZE
-    for images, labels in split.eval_batches(batch_size):
-        with autocast:
-            logits = model(images)
-        loss_sum = loss_sum + F.cross_entropy(logits.float(), labels, reduction="sum")
-        correct = correct + (logits.argmax(1) == labels).sum()
-    return float(loss_sum) / len(split), 100.0 * float(correct) / len(split)
 
 
 def log_epoch(arm, epoch, row):
@@ -348,11 +372,11 @@ def matched_lr_mult(phase_record, config):
     return update / sum(base)
 
 
-def train_control(job, phase_record):
-    """The LR-matched control arm: the base schedule times one constant, accumulation 1.
-    Not run when the phase arm diverged: its schedule, and so the constant, is incomplete."""
+def control_arm(job, phase_record):
+    """The LR-matched control arm: the base schedule times one constant, accumulation 1. Not run
+    when the phase arm diverged (its schedule, and so the constant, is incomplete): then its record."""
     if phase_record["status"] == "ok":
-        return train_arm(job, Arm(job, CONTROL, fixed_lr_mult=matched_lr_mult(phase_record, job.config)))
+        return Arm(job, CONTROL, fixed_lr_mult=matched_lr_mult(phase_record, job.config))
     record = new_record(None, None)
     record.update(
         status="not_run", reason=f"phase_aware {phase_record['status']} in epoch {phase_record['diverged_epoch'] + 1}"

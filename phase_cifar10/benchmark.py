@@ -1,0 +1,217 @@
+"""How fast this machine trains an arm, and how many arm-epochs per second it trains with several at once.
+
+    python -m phase_cifar10.benchmark --data-dir data            # the default arm on CIFAR-10
+    python -m phase_cifar10.benchmark --dataset synthetic --width 8 --epochs 2 --arms 1,2
+    python -m phase_cifar10.benchmark --data-dir data --check    # and: the fast path equals eager, runs repeat
+
+It takes the run's flags (--device, --bf16, --width, --batch-size, --subset, --val-size, ...) and
+prints, for one arm alone, seconds per epoch for training and for evaluation (CUDA events on a
+GPU), eagerly and replaying CUDA graphs, and the aten ops the host dispatches per optimizer step;
+then arm-epochs per second with 1, 2, 4 and 8 arms at once (8 arms: 4 seeds' baseline and phase
+arm, checkpoints included). With --check it also compares, bit for bit: the fast path against
+eager (losses, accuracies, weights, momentum; epochs alternate accumulation 1 and 2), a second run
+against the first, and the results of every concurrency against one at a time.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from . import launch, steps, training
+from .data import prepare_cifar10
+from .files import UserError
+from .model import MOMENTUM, WEIGHT_DECAY, base_lr_at, build_model
+from .progress import Progress
+from .settings import Settings
+
+PROG = "python -m phase_cifar10.benchmark"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0], add_help=True)
+    parser.add_argument("--arms", default="1,2,4,8", help="arms at once to measure (default 1,2,4,8)")
+    parser.add_argument("--check", action="store_true", help="also check the numbers, bit for bit")
+    parser.add_argument("--json", help="also write the figures to this file")
+    ours, run_flags = parser.parse_known_args(argv)
+    try:
+        at_once = [int(n) for n in ours.arms.split(",")]
+        with tempfile.TemporaryDirectory() as folder:
+            settings = Settings.from_command_line(["--epochs", "2", *run_flags, "--output-dir", folder], PROG)
+            figures = benchmark(settings, at_once, ours.check)
+    except (UserError, ValueError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    if ours.json:
+        Path(ours.json).write_text(json.dumps(figures, indent=1) + "\n")
+    return 0 if all(figures.get("checks", {}).values()) else 1
+
+
+def benchmark(settings, at_once, check):
+    start = launch.start(settings)
+    if settings.dataset == "cifar10":
+        prepare_cifar10(settings.data_dir)
+    seeds = [1, 2, 3, 4]
+    plans = {seed: launch.plan_seed(start, seed) for seed in seeds}
+    jobs = launch.seed_jobs(start, plans, Progress(0), batch_line=False)
+    job, fast = jobs[0], jobs[0].capture or steps.run_eagerly
+    print(f"{torch.cuda.get_device_name(start.device) if start.device.type == 'cuda' else machine()}, "
+          f"torch {torch.__version__}, {start.precision}, width {settings.width}, {len(job.train):,} training "
+          f"images, {len(job.test):,} test, {settings.epochs} epochs per measure")  # fmt: skip
+    figures = {"device": str(start.device), "torch": torch.__version__, "precision": start.precision, "checks": {}}
+    figures["eager"], eager_state = one_arm(job, settings.epochs, capture=None)
+    figures["fast"], fast_state = one_arm(job, settings.epochs, capture=fast)
+    for name in ("eager", "fast"):
+        train_s, eval_s = (
+            " ".join(f"{row[key]:.3f}" for row in figures[name]["epochs"]) for key in ("train_s", "eval_s")
+        )
+        print(f"one arm, {name:5}: train {train_s} s, eval {eval_s} s, epoch by epoch")
+    figures["ops_per_step"] = {name: ops_per_step(job, capture) for name, capture in (("eager", None), ("fast", fast))}
+    print(f"aten ops per optimizer step (accumulation 1): eager {figures['ops_per_step']['eager']:.0f}, "
+          f"fast {figures['ops_per_step']['fast']:.0f}")  # fmt: skip
+    if check:
+        figures["checks"]["fast equals eager"] = same(figures["eager"], figures["fast"]) and eager_state == fast_state
+        again, again_state = one_arm(job, settings.epochs, capture=fast)
+        figures["checks"]["a second run equals the first"] = same(figures["fast"], again) and again_state == fast_state
+    figures["at_once"], records = {}, {}
+    for n in at_once:
+        records[n], seconds = arms_at_once(jobs, n)
+        arm_epochs = len(jobs) * 2 * settings.epochs
+        figures["at_once"][n] = {"seconds": seconds, "arm_epochs_per_second": arm_epochs / seconds}
+        print(f"{n} arm(s) at once: {arm_epochs} arm-epochs in {seconds:.2f} s, {arm_epochs / seconds:.2f} per second")
+    if check:
+        figures["checks"]["every concurrency equals one at a time"] = all(
+            r == records[at_once[0]] for r in records.values()
+        )
+    for name, ok in figures["checks"].items():
+        print(f"check: {name}: {'yes' if ok else 'NO'}")
+    return figures
+
+
+def machine():
+    """The CPU's model name, where the OS tells."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def one_arm(job, epochs, capture):
+    """One arm alone for `epochs` epochs, the LR of the schedule, accumulation 1 and 2 alternating:
+    ({"epochs": rows}, a fingerprint of the final weights and momentum); rows hold the seconds of
+    training and evaluation and the numbers they computed."""
+    config = job.config
+    model = build_model(config["width"], job.seed, job.device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    rows = []
+    with on_a_stream(job.device):
+        for epoch in range(epochs):
+            for group in optimizer.param_groups:
+                group["lr"] = base_lr_at(epoch, config["base_lr"], config["warmup_epochs"], config["epochs"])
+            batches = job.train.train_batches(config["batch_size"], job.seed, epoch)
+            with timer(job.device) as train_s:
+                trained = steps.train_epoch(model, optimizer, batches, 1 + epoch % 2, job.autocast(), capture)
+            with timer(job.device) as eval_s:
+                evaluated = steps.evaluate(model, job.test, job.autocast(), capture)
+            rows.append({"train_s": train_s(), "eval_s": eval_s(), "train": trained, "eval": evaluated})
+    tensors = [*model.state_dict().values(), *(s["momentum_buffer"] for s in optimizer.state.values())]
+    return {"epochs": rows}, [t.cpu().tolist() for t in tensors]
+
+
+def same(a, b):
+    return [(r["train"], r["eval"]) for r in a["epochs"]] == [(r["train"], r["eval"]) for r in b["epochs"]]
+
+
+@contextlib.contextmanager
+def on_a_stream(device):
+    """A stream of its own on CUDA (graphs are never captured on the default stream)."""
+    if device.type != "cuda":
+        yield
+        return
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        yield
+    torch.cuda.current_stream(device).wait_stream(stream)
+
+
+@contextlib.contextmanager
+def timer(device):
+    """Seconds of the block: CUDA events on a GPU, the wall clock elsewhere; read after the block."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield lambda: start.elapsed_time(end) / 1000
+        end.record()
+        end.synchronize()
+    else:
+        seconds = []
+        begun = time.perf_counter()
+        yield lambda: seconds[0]
+        seconds.append(time.perf_counter() - begun)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(job, capture):
+    """Aten ops the host dispatches per optimizer step once an epoch is under way: the difference
+    between epochs of 2w and w windows, over w (so the epoch's fixed costs cancel)."""
+    config = job.config
+    model = build_model(config["width"], job.seed, job.device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    batches = list(job.train.train_batches(config["batch_size"], job.seed, 0))
+    windows = min(8, (len(batches) - 1) // 2)  # full batches only: a short last one would run eagerly
+    if windows < 1:
+        raise UserError(f"{len(batches)} batches per epoch: counting ops per step needs at least 3")
+    counts = []
+    with on_a_stream(job.device):
+        for n in (windows, 2 * windows):
+            with OpCounter() as counter:
+                steps.train_epoch(model, optimizer, batches[:n], 1, job.autocast(), capture)
+            counts.append(counter.count)
+    return (counts[1] - counts[0]) / windows
+
+
+def arms_at_once(jobs, n):
+    """Every job's baseline and phase arm (no control), n at a time, in a new folder: (their records
+    without timings, wall seconds)."""
+    records = {}
+    with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(io.StringIO()):
+        total = sum(2 * job.config["epochs"] for job in jobs)
+        progress, stop = Progress(total), threading.Event()
+        ours = [dataclasses.replace(job, folder=Path(folder), progress=progress, stop=stop,
+                                    config=job.config | {"control": "none"}) for job in jobs]  # fmt: skip
+        begun = time.perf_counter()
+        training.train_seeds(ours, n, lambda job, arms: records.update({job.seed: without_seconds(arms)}))
+        seconds = time.perf_counter() - begun
+    return records, seconds
+
+
+def without_seconds(obj):
+    if isinstance(obj, dict):
+        return {k: without_seconds(v) for k, v in obj.items() if not k.endswith("seconds")}
+    return [without_seconds(v) for v in obj] if isinstance(obj, list) else obj
+
+
+if __name__ == "__main__":
+    sys.exit(main())
