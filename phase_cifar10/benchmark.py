@@ -68,20 +68,27 @@ def benchmark(settings, at_once, check):
           f"torch {torch.__version__}, {start.precision}, width {settings.width}, {len(job.train):,} training "
           f"images, {len(job.test):,} test, {settings.epochs} epochs per measure")  # fmt: skip
     figures = {"device": str(start.device), "torch": torch.__version__, "precision": start.precision, "checks": {}}
-    figures["eager"], eager_state = one_arm(job, settings.epochs, capture=None)
-    figures["fast"], fast_state = one_arm(job, settings.epochs, capture=fast)
-    for name in ("eager", "fast"):
-        train_s, eval_s = (
-            " ".join(f"{row[key]:.3f}" for row in figures[name]["epochs"]) for key in ("train_s", "eval_s")
-        )
-        print(f"one arm, {name:5}: train {train_s} s, eval {eval_s} s, epoch by epoch")
+    # One arm alone: eagerly, on the fast path, on it again, and on it without NaN fills (with --check).
+    # Deterministic mode fills every new tensor with NaN (extra kernels on CUDA); nothing here reads
+    # memory it did not write, so without the fills the numbers must not move.
+    runs = {"eager": (None, contextlib.nullcontext), "fast": (fast, contextlib.nullcontext)}
+    if check:
+        runs |= {"fast again": (fast, contextlib.nullcontext), "fast, no fills": (fast, no_fills)}
+    states = {}
+    for name, (capture, context) in runs.items():
+        with context():
+            figures[name], states[name] = one_arm(job, settings.epochs, capture)
+        rows = figures[name]["epochs"]
+        train_s, eval_s = (" ".join(f"{row[key]:.3f}" for row in rows) for key in ("train_s", "eval_s"))
+        print(f"one arm, {name:14}: train {train_s} s, eval {eval_s} s, epoch by epoch")
     figures["ops_per_step"] = {name: ops_per_step(job, capture) for name, capture in (("eager", None), ("fast", fast))}
     print(f"aten ops per optimizer step (accumulation 1): eager {figures['ops_per_step']['eager']:.0f}, "
           f"fast {figures['ops_per_step']['fast']:.0f}")  # fmt: skip
-    if check:
-        figures["checks"]["fast equals eager"] = same(figures["eager"], figures["fast"]) and eager_state == fast_state
-        again, again_state = one_arm(job, settings.epochs, capture=fast)
-        figures["checks"]["a second run equals the first"] = same(figures["fast"], again) and again_state == fast_state
+    for name, run in (("fast", "the fast path"), ("fast again", "a second run"), ("fast, no fills", "no NaN fills")):
+        if check:
+            figures["checks"][f"{run} equals eager"] = same(figures[name], figures["eager"]) and (
+                states[name] == states["eager"]
+            )
     figures["at_once"], records = {}, {}
     for n in at_once:
         records[n], seconds = arms_at_once(jobs, n)
@@ -126,6 +133,16 @@ def one_arm(job, epochs, capture):
             rows.append({"train_s": train_s(), "eval_s": eval_s(), "train": trained, "eval": evaluated})
     tensors = [*model.state_dict().values(), *(s["momentum_buffer"] for s in optimizer.state.values())]
     return {"epochs": rows}, [t.cpu().tolist() for t in tensors]
+
+
+@contextlib.contextmanager
+def no_fills():
+    before = torch.utils.deterministic.fill_uninitialized_memory
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = before
 
 
 def same(a, b):
@@ -175,14 +192,17 @@ class OpCounter(TorchDispatchMode):
 
 def ops_per_step(job, capture):
     """Aten ops the host dispatches per optimizer step once an epoch is under way: the difference
-    between epochs of 2w and w windows, over w (so the epoch's fixed costs cancel)."""
+    between epochs of 2w and w windows, over w (so the epoch's fixed costs, its first window and the
+    capture among them, cancel)."""
     config = job.config
     model = build_model(config["width"], job.seed, job.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     batches = list(job.train.train_batches(config["batch_size"], job.seed, 0))
-    windows = min(8, (len(batches) - 1) // 2)  # full batches only: a short last one would run eagerly
-    if windows < 1:
-        raise UserError(f"{len(batches)} batches per epoch: counting ops per step needs at least 3")
+    # Full batches only (a short last one would run eagerly), and two windows at least, so that both
+    # counts hold the first window and the capture.
+    windows = min(8, (len(batches) - 1) // 2)
+    if windows < 2:
+        raise UserError(f"{len(batches)} batches per epoch: counting ops per step needs at least 5")
     counts = []
     with on_a_stream(job.device):
         for n in (windows, 2 * windows):

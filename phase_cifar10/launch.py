@@ -508,7 +508,7 @@ def seed_jobs(launch, plans, progress, batch_line):
             capture=capture,
             stop=stop,
             batch_line=batch_line,
-        )  # fmt: skip
+        )
         for seed, plan in plans.items()
     ]
 

@@ -16,6 +16,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from .files import UserError, one_line
 from .model import EVAL_BATCH_SIZE, EVAL_BATCH_SIZE_CPU
 
 
@@ -131,11 +132,17 @@ def cuda_graph(work):
     """
     graph = torch.cuda.CUDAGraph()
     with CAPTURING:
-        graph.capture_begin(capture_error_mode="thread_local")
         try:
-            work()
-        finally:
-            graph.capture_end()
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                work()
+            finally:
+                graph.capture_end()
+        except RuntimeError as e:
+            raise UserError(
+                f"capturing an epoch's CUDA graph failed ({one_line(e)}): --resume --eager continues without "
+                "graphs, with the same numbers, more slowly"
+            ) from e
     return graph.replay
 
 

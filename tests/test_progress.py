@@ -64,3 +64,15 @@ def test_progress_line_waits_for_the_accelerator_before_reading_the_clock(monkey
     assert len(list(progress.show_batches(iter(batches), 3, "x", stream=terminal))) == 3
     drawn = terminal.getvalue().count("batch ")
     assert drawn >= 1 and waits == [torch.device("cuda:0")] * drawn  # once per line drawn, never per batch
+
+
+def test_the_eta_is_the_wall_time_per_epoch_done_times_the_epochs_left(monkeypatch):
+    # Arms train at once, so epochs' own seconds overlap: the wall clock is what the rest will take.
+    now = [100.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: now[0])
+    run = progress.Progress(total_epochs=12)
+    run.skip(2)  # restored from checkpoints: 10 left to train
+    for _ in range(4):  # four arms finish an epoch each in the same 30 seconds
+        run.epoch_done()
+    now[0] += 30.0
+    assert run.eta() == "0m45s"  # 6 epochs left at 30 s per 4
