@@ -258,3 +258,24 @@ def plot_replay(rows, controller, path, title):
                frameon=False)  # fmt: skip
     fig.tight_layout(rect=(0, 0.16, 1, 1))
     save_figure(fig, path)
+
+
+def plot_study(rows, path, title):
+    """Final accuracy per cell: each arm's seeds as dots, their means joined by a line."""
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
+    x = range(len(rows))
+    for offset, arm in zip((-0.15, 0, 0.15), (BASELINE, PHASE_AWARE, CONTROL), strict=True):
+        if not any(arm in row["final_acc"] for row in rows):
+            continue
+        means = [row["final_acc"][arm]["mean"] if arm in row["final_acc"] else None for row in rows]
+        (line,) = axis.plot([i + offset for i in x], means, marker="_", markersize=14, label=arm)
+        for i, row in enumerate(rows):
+            per_seed = row["final_acc"].get(arm, {}).get("per_seed", {})
+            axis.scatter([i + offset] * len(per_seed), list(per_seed.values()), s=10, alpha=0.5, color=line.get_color())
+    axis.set_xticks(list(x), [row["cell"] for row in rows], rotation=20)
+    axis.set_ylabel("final test accuracy (%)")
+    axis.set_title(title)
+    axis.legend()
+    figure.tight_layout()
+    save_figure(figure, path)

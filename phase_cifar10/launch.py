@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple
@@ -62,35 +62,42 @@ class Launch:
     world: int = 1
 
 
-def run_training(settings):
-    """Train this process's seeds (every world-th under torchrun); returns the exit code."""
-    with nothing_to_resume_yet(settings.output_dir):
-        launch = start(settings)
+def run_training(*runs):
+    """Train this process's seeds of each run (every world-th under torchrun), every arm of every
+    run scheduled together, then each multi-seed run's summary; returns the exit code. A run is the
+    Settings of one output folder; a study passes one per cell."""
+    with nothing_to_resume_yet(runs[0].output_dir):
+        first = start(runs[0])
+        launches = [first] + [replace(first, settings=s, output_dir=check_output_dir(s.output_dir)) for s in runs[1:]]
     try:
-        with nothing_to_resume_yet(launch.output_dir):
-            seeds = settings.seeds_to_run()
-            my_seeds = seeds[launch.rank :: launch.world]
-            if settings.dataset == "cifar10":  # rank 0 unpacks (or downloads) the data, the others then read it
-                on_every_rank(launch, lambda: launch.rank == 0 and prepare_cifar10(settings.data_dir))
+        with nothing_to_resume_yet(first.output_dir):
+            for data_dir in dict.fromkeys(s.data_dir for s in runs if s.dataset == "cifar10"):
+                # rank 0 unpacks (or downloads) the data, the others then read it
+                on_every_rank(first, lambda data_dir=data_dir: first.rank == 0 and prepare_cifar10(data_dir))
             # Fail fast: data, splits and resumability of every seed are checked before anything is written.
-            plans, finished = on_every_rank(launch, lambda: check_seeds(launch, my_seeds))
-            make_folder(launch.output_dir, "--output-dir")
+            checked = [on_every_rank(launch, lambda launch=launch: check_seeds(launch, my_seeds(launch)))
+                       for launch in launches]  # fmt: skip
+            runs = [(launch, plans, finished) for launch, (plans, finished) in zip(launches, checked, strict=True)]
+            for launch in launches:
+                make_folder(launch.output_dir, "--output-dir")
         with ExitStack() as locks:
-            for seed in my_seeds:
-                locks.enter_context(seed_lock(launch.output_dir, seed))
-            diverged = train_seeds(launch, plans, finished)
-        if launch.world > 1:  # every rank learns every rank's divergences, so all agree on the exit code
-            gathered = [None] * launch.world
+            for launch in launches:
+                for seed in my_seeds(launch):
+                    locks.enter_context(seed_lock(launch.output_dir, seed))
+            diverged = train_seeds(runs)
+        if first.world > 1:  # every rank learns every rank's divergences, so all agree on the exit code
+            gathered = [None] * first.world
             dist.all_gather_object(gathered, diverged)
             diverged = [line for lines in gathered for line in lines]
-        if settings.multi_seed and launch.rank == 0:
-            write_summary(launch.output_dir, seeds)
-        if launch.world > 1:
+        for launch in launches:
+            if launch.settings.multi_seed and launch.rank == 0:
+                write_summary(launch.output_dir, launch.settings.seeds_to_run())
+        if first.world > 1:
             # No rank exits before rank 0 has written the summary: torchrun stops every worker as soon
             # as one exits with an error.
             dist.barrier()
     finally:
-        if launch.world > 1:
+        if first.world > 1:
             dist.destroy_process_group()
     if diverged:
         print(
@@ -100,6 +107,10 @@ def run_training(settings):
         )
         return 1
     return 0
+
+
+def my_seeds(launch):
+    return launch.settings.seeds_to_run()[launch.rank :: launch.world]
 
 
 def start(settings):
@@ -419,38 +430,47 @@ def seed_lock(output_dir, seed):
 # ----- training the seeds -----
 
 
-def train_seeds(launch, plans, finished):
-    """This process's seeds, their locks held; returns one line per diverged arm."""
-    settings, folder = launch.settings, launch.output_dir
-    for seed, results in finished.items():
-        finish_skipped_seed(seed, results, folder)
-    todo = {seed: plan for seed, plan in plans.items() if seed not in finished}
-    for seed in todo:
-        remove_leftovers(folder, seed, earlier_run=settings.restart)
-    arms = len(arms_of(settings.values()))
-    where = f", rank {launch.rank} of {launch.world}" if launch.world > 1 else ""
-    print(
-        f"{data_label(settings.values())}: {len(todo)} seed(s) to train on {launch.device}"
-        f" ({launch.precision}, {arms} arms, {settings.epochs} epochs{where}), writing to {folder}"
-    )
-    if not settings.val_size:
+def train_seeds(runs):
+    """This process's seeds of each run (launch, plans, finished), their locks held, every arm of
+    every run scheduled together; returns one line per diverged arm."""
+    jobs, on_device, stop, diverged = [], {}, threading.Event(), []
+    first = runs[0][0]
+    todos = []
+    for launch, plans, finished in runs:
+        settings, folder = launch.settings, launch.output_dir
+        for seed, results in finished.items():
+            finish_skipped_seed(seed, results, folder)
+        todo = {seed: plan for seed, plan in plans.items() if seed not in finished}
+        for seed in todo:
+            remove_leftovers(folder, seed, earlier_run=settings.restart)
+        where = f", rank {launch.rank} of {launch.world}" if launch.world > 1 else ""
+        print(
+            f"{data_label(settings.values())}: {len(todo)} seed(s) to train on {launch.device}"
+            f" ({launch.precision}, {len(arms_of(settings.values()))} arms, {settings.epochs} epochs{where}),"
+            f" writing to {folder}"
+        )
+        todos.append(todo)
+    if not first.settings.val_size:
         print("note: without --val-size the test split drives the controller and best-epoch selection")
-    sizes = next(iter(todo.values())).config if todo else {"train_size": 0, "test_size": 0}
-    evaluated = sizes["test_size"] + settings.val_size
-    progress = Progress(len(todo) * arms * settings.epochs, sizes["train_size"], evaluated)
-    at_once = settings.concurrent_arms or (len(todo) * arms if launch.device.type == "cuda" else 1)
+    arm_epochs = arms = 0
+    for (launch, _, _), todo in zip(runs, todos, strict=True):
+        arms += len(todo) * len(arms_of(launch.settings.values()))
+        arm_epochs += len(todo) * len(arms_of(launch.settings.values())) * launch.settings.epochs
+    sizes = next((plan.config for todo in todos for plan in todo.values()), {"train_size": 0, "test_size": 0})
+    progress = Progress(arm_epochs, sizes["train_size"], sizes["test_size"] + first.settings.val_size)
+    at_once = first.settings.concurrent_arms or (arms if first.device.type == "cuda" else 1)
     if at_once > 1:
-        on = " on a CUDA stream" if launch.device.type == "cuda" else ""
-        print(f"up to {min(at_once, len(todo) * arms)} arms at once, each in a thread{on}")
-    diverged = []
+        on = " on a CUDA stream" if first.device.type == "cuda" else ""
+        print(f"up to {min(at_once, arms)} arms at once, each in a thread{on}")
 
     def seed_done(job, records):
         results = seed_results(job.config, records)
-        write_seed(folder, job.seed, results)
+        write_seed(job.folder, job.seed, results)
         diverged.extend(f"seed {job.seed} {name} in epoch {results[name]['diverged_epoch'] + 1}" for name in ARMS
                         if name in results and results[name]["status"] == "diverged")  # fmt: skip
 
-    jobs = seed_jobs(launch, todo, progress, batch_line=at_once == 1)
+    for (launch, _, _), todo in zip(runs, todos, strict=True):
+        jobs += seed_jobs(launch, todo, progress, at_once == 1, on_device, stop)
     training.train_seeds(jobs, max(at_once, 1), seed_done)
     return diverged
 
@@ -476,12 +496,13 @@ def remove_leftovers(folder, seed, earlier_run):
         path.unlink(missing_ok=True)
 
 
-def seed_jobs(launch, plans, progress, batch_line):
+def seed_jobs(launch, plans, progress, batch_line, on_device=None, stop=None):
     """Each seed's training job. The splits go onto the device once, in the layout the model uses
-    there, and serve every seed that trains on the same images (every seed, on CIFAR-10)."""
+    there, and serve every seed that trains on the same images (every seed, on CIFAR-10). Several
+    runs' calls share on_device, which holds the splits, and stop, which stops all their arms."""
     device, settings = launch.device, launch.settings
     layout = memory_format_for(device, settings.width)
-    on_device, stop = {}, threading.Event()
+    on_device, stop = {} if on_device is None else on_device, stop or threading.Event()
 
     def split(data, part, indices=None):
         key = (id(data), part, None if indices is None else indices.tobytes())

@@ -1,0 +1,134 @@
+"""A study: one run per cell of a grid of settings, every cell's seeds and arms trained in this one
+process (all at once on a GPU, one after another on a CPU), then each cell's summary and the
+study's table and figure.
+
+    python -m phase_cifar10.study --output-dir results/study-base-lr --vary base_lr=0.005,0.01,0.02 \\
+        --data-dir DIR --seeds 42,137,2024,7,314 --val-size 5000
+
+Every flag but --vary and --output-dir is the run's (phase_controller.py's), the same in every
+cell. --vary NAME=V1,V2,... (repeatable) gives one setting's values; the cells are every
+combination. Each cell is a folder under --output-dir named for its values (base_lr=0.02), with
+what a multi-seed run writes there; the study adds study.json, study.md (its table) and study.png.
+--resume continues a study that was cut off; --restart trains it afresh.
+"""
+
+import argparse
+import itertools
+import json
+import os
+import sys
+from pathlib import Path
+
+from . import launch
+from .figures import plot_study
+from .files import UserError, write_atomically, write_json
+from .records import ARMS, PHASE_AWARE, summary_path
+from .settings import Settings, flag
+
+PROG = "python -m phase_cifar10.study"
+COMPARED = ("baseline", "control")  # the phase arm against each
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog=PROG, usage=f"{PROG} --output-dir DIR --vary NAME=V1,V2,... [run flags]")
+    parser.add_argument("--output-dir", required=True, help="the study's folder: one folder per cell inside")
+    parser.add_argument("--vary", action="append", required=True, metavar="NAME=V1,V2,...", help="a setting's values")
+    ours, run_flags = parser.parse_known_args(argv)
+    try:
+        if os.environ.get("WORLD_SIZE", "1") != "1":
+            raise UserError("a study runs in one process, its arms at once on one device: start it without torchrun")
+        cells = study_cells(Path(ours.output_dir), ours.vary, run_flags)
+        code = launch.run_training(*cells.values())  # each cell's folder is made inside the study's
+        table = write_study(Path(ours.output_dir), cells)
+    except UserError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; rerun the same command with --resume to continue the study", file=sys.stderr)
+        return 130
+    print(table)
+    return code
+
+
+def study_cells(folder, vary, run_flags):
+    """{cell name: its Settings}: every combination of the --vary values, each run into its own folder."""
+    axes = []
+    for text in vary:
+        name, _, values = text.partition("=")
+        name = name.strip().removeprefix("--").replace("-", "_")
+        if not values or name in dict(axes):
+            raise UserError(f"--vary {text}: give NAME=V1,V2,... once per setting")
+        axes.append((name, [v.strip() for v in values.split(",")]))
+    cells = {}
+    for combination in itertools.product(*(values for _, values in axes)):
+        chosen = list(zip((name for name, _ in axes), combination, strict=True))
+        cell = ",".join(f"{name}={value}" for name, value in chosen)
+        flags = [part for name, value in chosen for part in (flag(name), value)]
+        try:
+            settings = Settings.from_command_line(
+                [*run_flags, *flags, "--multi-seed", "--output-dir", str(folder / cell)]
+            )
+        except UserError as e:
+            raise UserError(f"cell {cell}: {e}") from None
+        cells[cell] = settings
+    return cells
+
+
+def write_study(folder, cells):
+    """study.json, study.md and study.png from the cells' summaries; returns the table."""
+    rows = [study_row(cell, json.loads(summary_path(settings.output_dir, ".json").read_text()))
+            for cell, settings in cells.items()]  # fmt: skip
+    write_json(folder / "study.json", {"cells": rows})
+    table = study_table(rows)
+    write_atomically(folder / "study.md", table.encode())
+    plot_study(rows, folder / "study.png", f"{folder.name}: final test accuracy by cell")
+    return table
+
+
+def study_row(cell, summary):
+    """What the study reports of one cell: each arm's final accuracies, the phase arm's paired
+    comparisons, and the epochs (1-based) after which each phase was detected, seed by seed."""
+    arms = {name: summary["arms"][name]["final_acc"] for name in ARMS if name in summary["arms"]}
+    comparisons = {}
+    for other in COMPARED:
+        compared = summary["comparisons"].get(f"{PHASE_AWARE}_vs_{other}")
+        if compared:
+            final = compared["final_acc"]
+            comparisons[other] = {k: final.get(k) for k in ("mean", "ci95", "p_value")} | {"pairs": compared["pairs"]}
+    transitions = {seed: {phase: epoch + 1 for phase, epoch in found.items()}
+                   for seed, found in summary["transitions"].items()}  # fmt: skip
+    return {"cell": cell, "seeds": summary["seeds"], "final_acc": arms, "comparisons": comparisons,
+            "detected_after_epoch": transitions}  # fmt: skip
+
+
+def study_table(rows):
+    """The study's table in Markdown: a row per cell."""
+    head = ["cell", "seeds", *(f"{arm} final" for arm in ARMS)]
+    head += [f"Δ vs {other} (95% CI), p, pairs" for other in COMPARED] + ["S1 after epoch", "S2 after epoch"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["cell"], str(len(row["seeds"]))]
+        cells += [f"{row['final_acc'][arm]['mean']:.2f}" if arm in row["final_acc"] else "" for arm in ARMS]
+        cells += [comparison_cell(row["comparisons"].get(other)) for other in COMPARED]
+        for phase in ("S1", "S2"):
+            epochs = [found.get(phase) for found in row["detected_after_epoch"].values()]
+            cells.append(" ".join("never" if e is None else str(e) for e in epochs))
+        lines.append("| " + " | ".join(cells) + " |")
+    note = (
+        "\nFinal test accuracy (%), the mean over seeds; Δ in points, phase-aware minus the other arm, with "
+        "its 95% bootstrap interval and sign-flip p (none below 3 pairs); detections seed by seed.\n"
+    )
+    return "\n".join(lines) + "\n" + note
+
+
+def comparison_cell(compared):
+    if not compared:
+        return ""
+    text = f"{compared['mean']:+.2f}"
+    if compared["ci95"] is not None:
+        text += f" ({compared['ci95'][0]:+.2f}..{compared['ci95'][1]:+.2f}), p {compared['p_value']:.3f}"
+    return f"{text}, {compared['pairs']}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""A study: every cell is the multi-seed run of its settings, its table says what the cells'
+summaries say, a study cut off continues with --resume, and a bad grid is one line."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+from helpers import ROOT, TINY, interrupt_after, read_json, run_main, without_timings
+
+from phase_cifar10 import study
+
+SEEDS = ["--seeds", "1,2,3"]
+GRID = ["--vary", "base_lr=0.01,0.04"]
+RUN = [*TINY, "--epochs", "2", "--val-size", "64", "--s2-threshold", "1.0", *SEEDS]
+CELLS = ["base_lr=0.01", "base_lr=0.04"]
+
+
+def run_study(*argv):
+    return study.main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="module")
+def whole_study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    assert run_study("--output-dir", out, *GRID, *RUN) == 0
+    return out
+
+
+def cell_results(folder):
+    return {p.name: without_timings(read_json(p)) for p in sorted(folder.glob("*.json"))}
+
+
+def test_a_cell_holds_what_the_multi_seed_run_of_its_settings_writes(whole_study, tmp_path):
+    code, _, stderr = run_main([*RUN, "--base-lr", "0.04", "--output-dir", tmp_path])
+    assert code == 0, stderr
+    assert cell_results(whole_study / "base_lr=0.04") == cell_results(tmp_path)
+    assert read_json(whole_study / "base_lr=0.01" / "results_seed_1.json")["config"]["base_lr"] == 0.01
+
+
+def test_the_table_says_what_the_cells_summaries_say(whole_study):
+    table = (whole_study / "study.md").read_text()
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| base_lr=")]
+    assert [row[0].removeprefix("| ") for row in rows] == CELLS
+    for row, cell in zip(rows, CELLS, strict=True):
+        summary = read_json(whole_study / cell / "multi_seed_summary.json")
+        assert row[1] == "3"
+        for column, arm in ((2, "baseline"), (3, "phase_aware")):
+            assert float(row[column]) == pytest.approx(summary["arms"][arm]["final_acc"]["mean"], abs=0.005)
+        compared = summary["comparisons"]["phase_aware_vs_baseline"]["final_acc"]
+        delta, low, high, p = (float(x) for x in re.findall(r"[-+]?\d+\.\d+", row[5])[:4])
+        assert delta == pytest.approx(compared["mean"], abs=0.005)
+        assert (low, high) == pytest.approx(tuple(compared["ci95"]), abs=0.005)
+        assert p == pytest.approx(compared["p_value"], abs=0.0005)
+        for column, phase in ((7, "S1"), (8, "S2")):
+            found = [summary["transitions"][str(seed)] for seed in (1, 2, 3)]
+            expected = [str(t[phase] + 1) if phase in t else "never" for t in found]  # 1-based, seed by seed
+            assert row[column].removesuffix(" |") == " ".join(expected)
+    assert read_json(whole_study / "study.json")["cells"][0]["cell"] == "base_lr=0.01"
+    assert (whole_study / "study.png").stat().st_size > 0
+
+
+def test_a_study_cut_off_continues_with_resume(whole_study, tmp_path, monkeypatch):
+    interrupt_after(monkeypatch, epochs=7)  # within the second cell's seeds
+    assert run_study("--output-dir", tmp_path, *GRID, *RUN) == 130
+    monkeypatch.undo()
+    assert run_study("--output-dir", tmp_path, *GRID, *RUN) == 2  # refused: --resume or --restart
+    assert run_study("--output-dir", tmp_path, *GRID, *RUN, "--resume") == 0
+    for cell in CELLS:
+        assert cell_results(tmp_path / cell) == cell_results(whole_study / cell)
+    assert (tmp_path / "study.md").read_text() == (whole_study / "study.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "grid, message",
+    [
+        (["--vary", "widht=4,8"], "cell widht=4: unrecognized arguments: --widht 4"),
+        (["--vary", "base_lr=0.01", "--vary", "base-lr=0.02"], "give NAME=V1,V2,... once per setting"),
+        (["--vary", "base_lr"], "give NAME=V1,V2,... once per setting"),
+        (["--vary", "epochs=2,zero"], "cell epochs=zero: argument --epochs"),
+    ],
+)
+def test_a_bad_grid_is_one_line(tmp_path, grid, message):
+    done = subprocess.run(
+        [sys.executable, "-m", "phase_cifar10.study", "--output-dir", str(tmp_path / "s"), *grid, *RUN],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+    assert not (tmp_path / "s").exists()  # nothing written
