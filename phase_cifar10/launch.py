@@ -68,7 +68,7 @@ def run_training(*runs):
     Settings of one output folder; a study passes one per cell."""
     with nothing_to_resume_yet(runs[0].output_dir):
         first = start(runs[0])
-        launches = [first] + [replace(first, settings=s, output_dir=check_output_dir(s.output_dir)) for s in runs[1:]]
+        launches = [first] + [more_on_this_device(first, settings) for settings in runs[1:]]
     try:
         with nothing_to_resume_yet(first.output_dir):
             for data_dir in dict.fromkeys(s.data_dir for s in runs if s.dataset == "cifar10"):
@@ -77,14 +77,14 @@ def run_training(*runs):
             # Fail fast: data, splits and resumability of every seed are checked before anything is written.
             checked = [on_every_rank(launch, lambda launch=launch: check_seeds(launch, my_seeds(launch)))
                        for launch in launches]  # fmt: skip
-            runs = [(launch, plans, finished) for launch, (plans, finished) in zip(launches, checked, strict=True)]
+            planned = [(launch, plans, finished) for launch, (plans, finished) in zip(launches, checked, strict=True)]
             for launch in launches:
                 make_folder(launch.output_dir, "--output-dir")
         with ExitStack() as locks:
             for launch in launches:
                 for seed in my_seeds(launch):
                     locks.enter_context(seed_lock(launch.output_dir, seed))
-            diverged = train_seeds(runs)
+            diverged = train_seeds(planned)
         if first.world > 1:  # every rank learns every rank's divergences, so all agree on the exit code
             gathered = [None] * first.world
             dist.all_gather_object(gathered, diverged)
@@ -107,6 +107,15 @@ def run_training(*runs):
         )
         return 1
     return 0
+
+
+def more_on_this_device(first, settings):
+    """The Launch of another run in this process: first's device and ranks, its own precision and folder."""
+    if settings.device != first.settings.device:
+        devices = f"--device {settings.device} and {first.settings.device}"
+        raise UserError(f"{devices}: the runs of one process share its device")
+    precision = choose_precision(settings.bf16, first.device)
+    return replace(first, settings=settings, precision=precision, output_dir=check_output_dir(settings.output_dir))
 
 
 def my_seeds(launch):

@@ -6,9 +6,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from helpers import ROOT, TINY, interrupt_after, read_json, run_main, without_timings
 
-from phase_cifar10 import study
+from phase_cifar10 import launch, study
+from phase_cifar10.files import UserError
+from phase_cifar10.settings import Settings
 
 SEEDS = ["--seeds", "1,2,3"]
 GRID = ["--vary", "base_lr=0.01,0.04"]
@@ -87,3 +90,11 @@ def test_a_bad_grid_is_one_line(tmp_path, grid, message):
     )  # fmt: skip
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
     assert not (tmp_path / "s").exists()  # nothing written
+
+
+def test_each_cell_computes_in_its_own_precision_on_the_one_device(tmp_path):
+    first = launch.Launch(Settings.from_command_line([*RUN, "--bf16", "off"]), torch.device("cpu"), "fp32", tmp_path)
+    other = launch.more_on_this_device(first, Settings.from_command_line([*RUN, "--bf16", "on", "--output-dir", "b"]))
+    assert (other.precision, other.device, other.output_dir.name) == ("bf16-autocast", first.device, "b")
+    with pytest.raises(UserError, match="the runs of one process share its device"):
+        launch.more_on_this_device(first, Settings.from_command_line([*RUN, "--device", "auto"]))
