@@ -67,7 +67,7 @@ def train_seeds(jobs, at_once, seed_done):
     checkpoints restored) here, one at a time, since initialization draws from torch's global RNG.
     An error or Ctrl-C stops every arm before its next batch; their last checkpoints stand.
     """
-    records = {job.seed: {} for job in jobs}
+    records = [{} for _ in jobs]  # each job's {arm name: record}; a study's cells share seeds
     ready = []  # (seed's place, arm's place, job, the arm's constructor): the smallest trains next
     for place, job in enumerate(jobs):
         ready += [(place, 0, job, lambda job=job: Arm(job, BASELINE)),
@@ -78,33 +78,33 @@ def train_seeds(jobs, at_once, seed_done):
         place, arm_place, job, build = ready.pop(0)
         if arm_place == 0:
             seed_everything(job.seed)
-        return job, build()
+        return place, job, build()
 
-    def done(job, arm, record):
-        records[job.seed][arm.name] = record
+    def done(place, job, arm, record):
+        records[place][arm.name] = record
         if arm.name == PHASE_AWARE:
             record["mean_lr_mult"] = float(np.mean(record["per_epoch"]["lr_mult"] or [1.0]))
             if CONTROL in arms_of(job.config):
                 control = control_arm(job, record)
                 if isinstance(control, Arm):
-                    ready.append((jobs.index(job), 2, job, lambda: control))
+                    ready.append((place, 2, job, lambda: control))
                 else:
-                    records[job.seed][CONTROL] = control
-        if len(records[job.seed]) == len(arms_of(job.config)):
-            seed_done(job, records[job.seed])
+                    records[place][CONTROL] = control
+        if len(records[place]) == len(arms_of(job.config)):
+            seed_done(job, records[place])
 
     if at_once == 1:
         while ready:
-            job, arm = next_arm()
-            done(job, arm, train_arm_on_its_stream(job, arm))
+            place, job, arm = next_arm()
+            done(place, job, arm, train_arm_on_its_stream(job, arm))
         return
     with ThreadPoolExecutor(at_once) as pool:
         running = {}
         try:
             while ready or running:
                 while ready and len(running) < at_once:
-                    job, arm = next_arm()
-                    running[pool.submit(train_arm_on_its_stream, job, arm)] = job, arm
+                    place, job, arm = next_arm()
+                    running[pool.submit(train_arm_on_its_stream, job, arm)] = place, job, arm
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in finished:
                     done(*running.pop(future), future.result())

@@ -98,3 +98,13 @@ def test_each_cell_computes_in_its_own_precision_on_the_one_device(tmp_path):
     assert (other.precision, other.device, other.output_dir.name) == ("bf16-autocast", first.device, "b")
     with pytest.raises(UserError, match="the runs of one process share its device"):
         launch.more_on_this_device(first, Settings.from_command_line([*RUN, "--device", "auto"]))
+
+
+def test_cells_trained_at_once_write_each_seed_once_with_its_own_arms(whole_study, tmp_path, capsys):
+    # Both cells train seeds 1, 2 and 3: a seed's arms must never meet another cell's.
+    assert run_study("--output-dir", tmp_path, *GRID, *RUN, "--concurrent-arms", 8) == 0
+    written = re.findall(r"^seed (\d): wrote (\S+)", capsys.readouterr().out, re.M)
+    expected = [(str(seed), str(tmp_path / cell / f"results_seed_{seed}.json")) for seed in (1, 2, 3) for cell in CELLS]
+    assert sorted(written) == sorted(expected)
+    for cell in CELLS:
+        assert cell_results(tmp_path / cell) == cell_results(whole_study / cell)
