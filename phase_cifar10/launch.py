@@ -479,7 +479,8 @@ def train_seeds(runs):
                         if name in results and results[name]["status"] == "diverged")  # fmt: skip
 
     for (launch, _, _), todo in zip(runs, todos, strict=True):
-        jobs += seed_jobs(launch, todo, progress, at_once == 1, on_device, stop)
+        run = f"{launch.output_dir.name}: " if len(runs) > 1 else ""
+        jobs += [replace(job, run=run) for job in seed_jobs(launch, todo, progress, at_once == 1, on_device, stop)]
     training.train_seeds(jobs, max(at_once, 1), seed_done)
     return diverged
 

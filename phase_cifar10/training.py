@@ -55,6 +55,11 @@ class SeedJob:
     capture: Callable | None = None  # steps.cuda_graph on CUDA: full windows replay a CUDA graph
     stop: threading.Event = field(default_factory=threading.Event)  # set: the arm stops before its next batch
     batch_line: bool = True  # the terminal's self-updating batch line (not while arms train at once)
+    run: str = ""  # where several runs train together (a study's cells): "NAME: ", which begins its lines
+
+    def who(self, arm):
+        """How the console names one of the seed's arms."""
+        return f"{self.run}seed {self.seed} {arm}"
 
 
 def train_seeds(jobs, at_once, seed_done):
@@ -179,7 +184,7 @@ class Arm:
             self.restore()
 
     def label(self, epoch):
-        return f"seed {self.job.seed} {self.name:<11} epoch {epoch + 1:>3}/{self.job.config['epochs']}"
+        return f"{self.job.who(f'{self.name:<11}')} epoch {epoch + 1:>3}/{self.job.config['epochs']}"
 
     def in_force(self):
         """The LR, and the phase arm's multiplier and accumulation, that the next epoch trains at."""
@@ -196,7 +201,7 @@ class Arm:
         if bad:
             reason = ", ".join(bad)
             self.record.update(status="diverged", diverged_epoch=epoch, diverged_reason=reason)
-            print(f"seed {self.job.seed} {self.name}: DIVERGED in epoch {epoch + 1} ({reason}); arm stopped")
+            print(f"{self.job.who(self.name)}: DIVERGED in epoch {epoch + 1} ({reason}); arm stopped")
             self.job.progress.skip(self.job.config["epochs"] - epoch)
         return bool(bad)
 
@@ -252,7 +257,7 @@ class Arm:
         self.record, self.next_epoch = record, next_epoch
         self.logged, self.log_bytes = state["logged"], state["log_bytes"]
         self.job.progress.skip(next_epoch)
-        print(f"seed {self.job.seed} {self.name}: resumed after epoch {next_epoch}")
+        print(f"{self.job.who(self.name)}: resumed after epoch {next_epoch}")
         if record["status"] != "ok":  # it diverged before an interruption: nothing left to train
             self.job.progress.skip(self.job.config["epochs"] - next_epoch)
             self.next_epoch = self.job.config["epochs"]
@@ -381,6 +386,6 @@ def control_arm(job, phase_record):
     record.update(
         status="not_run", reason=f"phase_aware {phase_record['status']} in epoch {phase_record['diverged_epoch'] + 1}"
     )
-    print(f"seed {job.seed} control: not run ({record['reason']}; the matched constant needs its whole schedule)")
+    print(f"{job.who(CONTROL)}: not run ({record['reason']}; the matched constant needs its whole schedule)")
     job.progress.skip(job.config["epochs"])
     return with_accuracies(record, selected_by="eval_acc")
