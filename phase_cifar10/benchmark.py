@@ -13,7 +13,6 @@ eager (losses, accuracies, weights, momentum; epochs alternate accumulation 1 an
 against the first, and the results of every concurrency against one at a time.
 """
 
-import argparse
 import contextlib
 import dataclasses
 import io
@@ -32,23 +31,25 @@ from .data import prepare_cifar10
 from .files import UserError
 from .model import MOMENTUM, WEIGHT_DECAY, base_lr_at, build_model
 from .progress import Progress
-from .settings import Settings
+from .settings import OneLineParser, Settings
 
 PROG = "python -m phase_cifar10.benchmark"
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0], add_help=True)
+    parser = OneLineParser(prog=PROG, description=__doc__.split("\n")[0], add_help=True)
     parser.add_argument("--arms", default="1,2,4,8", help="arms at once to measure (default 1,2,4,8)")
     parser.add_argument("--check", action="store_true", help="also check the numbers, bit for bit")
     parser.add_argument("--json", help="also write the figures to this file")
-    ours, run_flags = parser.parse_known_args(argv)
     try:
-        at_once = [int(n) for n in ours.arms.split(",")]
+        ours, run_flags = parser.parse_known_args(argv)
+        at_once = [int(n) for n in ours.arms.split(",") if n.strip().isdigit() and int(n) >= 1]
+        if len(at_once) != len(ours.arms.split(",")):
+            raise UserError(f"--arms {ours.arms}: give whole numbers >= 1, comma-separated")
         with tempfile.TemporaryDirectory() as folder:
             settings = Settings.from_command_line(["--epochs", "2", *run_flags, "--output-dir", folder], PROG)
             figures = benchmark(settings, at_once, ours.check)
-    except (UserError, ValueError) as e:
+    except UserError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     if ours.json:

@@ -12,7 +12,6 @@ what a multi-seed run writes there; the study adds study.json, study.md (its tab
 --resume continues a study that was cut off; --restart trains it afresh.
 """
 
-import argparse
 import itertools
 import json
 import os
@@ -23,18 +22,18 @@ from . import launch
 from .figures import plot_study
 from .files import UserError, write_atomically, write_json
 from .records import ARMS, PHASE_AWARE, summary_path
-from .settings import Settings, flag
+from .settings import OneLineParser, Settings, flag
 
 PROG = "python -m phase_cifar10.study"
 COMPARED = ("baseline", "control")  # the phase arm against each
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog=PROG, usage=f"{PROG} --output-dir DIR --vary NAME=V1,V2,... [run flags]")
+    parser = OneLineParser(prog=PROG, usage=f"{PROG} --output-dir DIR --vary NAME=V1,V2,... [run flags]")
     parser.add_argument("--output-dir", required=True, help="the study's folder: one folder per cell inside")
     parser.add_argument("--vary", action="append", required=True, metavar="NAME=V1,V2,...", help="a setting's values")
-    ours, run_flags = parser.parse_known_args(argv)
     try:
+        ours, run_flags = parser.parse_known_args(argv)
         if os.environ.get("WORLD_SIZE", "1") != "1":
             raise UserError("a study runs in one process, its arms at once on one device: start it without torchrun")
         cells = study_cells(Path(ours.output_dir), ours.vary, run_flags)

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from helpers import ROOT
 
 TINY_BENCH = ["--dataset", "synthetic", "--subset", "384", "--width", "4", "--batch-size", "64", "--device", "cpu",
@@ -24,9 +25,13 @@ def test_the_benchmark_prints_its_figures_and_its_checks_hold(tmp_path):
     assert all(line in done.stdout for line in lines)
 
 
-def test_a_bad_flag_is_one_line():
-    done = cli_benchmark(*TINY_BENCH, "--width", "0")
-    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "--width" in done.stderr
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["--width", "0"], "--width"), (["--arms", "1,x"], "--arms 1,x: give whole numbers"), (["--json"], "--json")],
+)
+def test_a_bad_flag_is_one_line(flags, message):
+    done = cli_benchmark(*TINY_BENCH, *flags)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
 
 
 def cli_benchmark(*args):

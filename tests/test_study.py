@@ -81,6 +81,7 @@ def test_a_study_cut_off_continues_with_resume(whole_study, tmp_path, monkeypatc
         (["--vary", "base_lr=0.01", "--vary", "base-lr=0.02"], "give NAME=V1,V2,... once per setting"),
         (["--vary", "base_lr"], "give NAME=V1,V2,... once per setting"),
         (["--vary", "epochs=2,zero"], "cell epochs=zero: argument --epochs"),
+        (["--vary"], "argument --vary: expected one argument"),
     ],
 )
 def test_a_bad_grid_is_one_line(tmp_path, grid, message):
