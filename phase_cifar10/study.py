@@ -21,11 +21,11 @@ from pathlib import Path
 from . import launch
 from .figures import plot_study
 from .files import UserError, write_atomically, write_json
-from .records import ARMS, PHASE_AWARE, summary_path
+from .records import ARMS, BASELINE, CONTROL, PHASE_AWARE, summary_path
 from .settings import OneLineParser, Settings, flag
 
 PROG = "python -m phase_cifar10.study"
-COMPARED = ("baseline", "control")  # the phase arm against each
+COMPARED = (BASELINE, CONTROL)  # the phase arm against each
 
 
 def main(argv=None):
