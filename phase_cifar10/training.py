@@ -339,7 +339,8 @@ def log_epoch(arm, epoch, row):
     if "phase" in row:
         line += f"  {row['phase']} accum {row['accumulation']}"
     seconds = row["train_seconds"] + row["eval_seconds"]
-    print(f"{line}  {seconds:.1f}s  ETA {arm.job.progress.eta()}")
+    # One write, newline included: the lines of arms training in threads never interleave.
+    print(f"{line}  {seconds:.1f}s  ETA {arm.job.progress.eta()}\n", end="")
 
 
 def optimizer_settings(optimizer):
