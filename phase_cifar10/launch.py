@@ -468,6 +468,9 @@ def train_seeds(runs):
     sizes = next((plan.config for todo in todos for plan in todo.values()), {"train_size": 0, "test_size": 0})
     progress = Progress(arm_epochs, sizes["train_size"], sizes["test_size"] + first.settings.val_size)
     at_once = first.settings.concurrent_arms or (arms if first.device.type == "cuda" else 1)
+    if first.device.type == "cuda" and at_once > training.MAX_ARMS_AT_ONCE_ON_CUDA:
+        at_once = training.MAX_ARMS_AT_ONCE_ON_CUDA
+        print(f"note: at most {at_once} arms at once on CUDA (one stream each); the others wait their turn")
     if at_once > 1:
         on = " on a CUDA stream" if first.device.type == "cuda" else ""
         print(f"up to {min(at_once, arms)} arms at once, each in a thread{on}")

@@ -3,6 +3,7 @@
 import io
 import json
 import math
+import queue
 import random
 import threading
 import time
@@ -98,10 +99,11 @@ def train_seeds(jobs, at_once, seed_done):
         if len(records[place]) == len(arms_of(job.config)):
             seed_done(job, records[place])
 
+    streams = arm_streams(jobs[0].device if jobs else None, at_once)
     if at_once == 1:
         while ready:
             place, job, arm = next_arm()
-            done(place, job, arm, train_arm_on_its_stream(job, arm))
+            done(place, job, arm, train_on_a_stream(job, arm, streams))
         return
     with ThreadPoolExecutor(at_once) as pool:
         running = {}
@@ -109,7 +111,7 @@ def train_seeds(jobs, at_once, seed_done):
             while ready or running:
                 while ready and len(running) < at_once:
                     place, job, arm = next_arm()
-                    running[pool.submit(train_arm_on_its_stream, job, arm)] = place, job, arm
+                    running[pool.submit(train_on_a_stream, job, arm, streams)] = place, job, arm
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in finished:
                     done(*running.pop(future), future.result())
@@ -119,17 +121,35 @@ def train_seeds(jobs, at_once, seed_done):
             raise
 
 
-def train_arm_on_its_stream(job, arm):
-    """train_arm; on CUDA on a stream of the arm's own, so that arms in threads overlap on the GPU
-    and windows can be captured (never on the default stream)."""
-    if job.device.type != "cuda":
+# torch hands out 32 streams per device and priority, round robin: more arms at once would share one,
+# and an arm capturing a CUDA graph on a shared stream would capture the other arm's kernels too.
+MAX_ARMS_AT_ONCE_ON_CUDA = 32
+
+
+def arm_streams(device, at_once):
+    """On CUDA, one stream per arm that may train at once, to be lent to one arm at a time; else None."""
+    if device is None or device.type != "cuda":
+        return None
+    streams = queue.SimpleQueue()
+    for _ in range(at_once):  # consecutive streams of torch's pool: all distinct
+        streams.put(torch.cuda.Stream(device))
+    return streams
+
+
+def train_on_a_stream(job, arm, streams):
+    """train_arm; on CUDA on a stream lent to this arm alone while it trains, so that arms in threads
+    overlap on the GPU and its windows can be captured (never on the default stream)."""
+    if streams is None:
         return train_arm(job, arm)
-    stream = torch.cuda.Stream(job.device)
-    stream.wait_stream(torch.cuda.current_stream(job.device))  # the data and the arm were made there
-    with torch.cuda.stream(stream):
-        record = train_arm(job, arm)
-    torch.cuda.current_stream(job.device).wait_stream(stream)
-    return record
+    stream = streams.get()
+    try:
+        stream.wait_stream(torch.cuda.current_stream(job.device))  # the data and the arm were made there
+        with torch.cuda.stream(stream):
+            record = train_arm(job, arm)
+        torch.cuda.current_stream(job.device).wait_stream(stream)
+        return record
+    finally:
+        streams.put(stream)
 
 
 def train_arm(job, arm):
