@@ -29,8 +29,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from . import launch, steps, training
 from .data import prepare_cifar10
 from .files import UserError
-from .model import MOMENTUM, WEIGHT_DECAY, base_lr_at, build_model
 from .progress import Progress
+from .records import BASELINE, without_timings
 from .settings import OneLineParser, Settings
 
 PROG = "python -m phase_cifar10.benchmark"
@@ -63,7 +63,7 @@ def benchmark(settings, at_once, check):
         prepare_cifar10(settings.data_dir)
     seeds = [1, 2, 3, 4]
     plans = {seed: launch.plan_seed(start, seed) for seed in seeds}
-    jobs = launch.seed_jobs(start, plans, Progress(0), batch_line=False)
+    jobs = launch.seed_jobs(start, plans, Progress(0))
     job, fast = jobs[0], jobs[0].capture or steps.run_eagerly
     print(f"{torch.cuda.get_device_name(start.device) if start.device.type == 'cuda' else machine()}, "
           f"torch {torch.__version__}, {start.precision}, width {settings.width}, {len(job.train):,} training "
@@ -92,7 +92,7 @@ def benchmark(settings, at_once, check):
             )
     figures["at_once"], records = {}, {}
     for n in at_once:
-        records[n], seconds = arms_at_once(jobs, n)
+        records[n], seconds = train_at_once(jobs, n)
         arm_epochs = len(jobs) * 2 * settings.epochs
         figures["at_once"][n] = {"seconds": seconds, "arm_epochs_per_second": arm_epochs / seconds}
         print(f"{n} arm(s) at once: {arm_epochs} arm-epochs in {seconds:.2f} s, {arm_epochs / seconds:.2f} per second")
@@ -118,22 +118,18 @@ def one_arm(job, epochs, capture):
     """One arm alone for `epochs` epochs, the LR of the schedule, accumulation 1 and 2 alternating:
     ({"epochs": rows}, a fingerprint of the final weights and momentum); rows hold the seconds of
     training and evaluation and the numbers they computed."""
-    config = job.config
-    model = build_model(config["width"], job.seed, job.device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    rows = []
-    with on_a_stream(job.device):
+    arm, rows = training.Arm(job, BASELINE), []  # the run's model, optimizer and base schedule
+    with training.on_stream(own_stream(job.device), job.device):
         for epoch in range(epochs):
-            for group in optimizer.param_groups:
-                group["lr"] = base_lr_at(epoch, config["base_lr"], config["warmup_epochs"], config["epochs"])
-            batches = job.train.train_batches(config["batch_size"], job.seed, epoch)
+            batches = job.train.train_batches(job.config["batch_size"], job.seed, epoch)
             with timer(job.device) as train_s:
-                trained = steps.train_epoch(model, optimizer, batches, 1 + epoch % 2, job.autocast(), capture)
+                trained = steps.train_epoch(arm.model, arm.optimizer, batches, 1 + epoch % 2, job.autocast(), capture)
             with timer(job.device) as eval_s:
-                evaluated = steps.evaluate(model, job.test, job.autocast(), capture)
+                evaluated = steps.evaluate(arm.model, job.test, job.autocast(), capture)
             rows.append({"train_s": train_s(), "eval_s": eval_s(), "train": trained, "eval": evaluated})
-    tensors = [*model.state_dict().values(), *(s["momentum_buffer"] for s in optimizer.state.values())]
-    return {"epochs": rows}, [t.cpu().tolist() for t in tensors]
+            arm.scheduler.step()
+    momentum = (state["momentum_buffer"] for state in arm.optimizer.state.values())
+    return {"epochs": rows}, [t.cpu().tolist() for t in (*arm.model.state_dict().values(), *momentum)]
 
 
 @contextlib.contextmanager
@@ -150,17 +146,9 @@ def same(a, b):
     return [(r["train"], r["eval"]) for r in a["epochs"]] == [(r["train"], r["eval"]) for r in b["epochs"]]
 
 
-@contextlib.contextmanager
-def on_a_stream(device):
-    """A stream of its own on CUDA (graphs are never captured on the default stream)."""
-    if device.type != "cuda":
-        yield
-        return
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        yield
-    torch.cuda.current_stream(device).wait_stream(stream)
+def own_stream(device):
+    """A stream of its own on CUDA (graphs are never captured on the default stream); None elsewhere."""
+    return torch.cuda.Stream(device) if device.type == "cuda" else None
 
 
 @contextlib.contextmanager
@@ -195,25 +183,23 @@ def ops_per_step(job, capture):
     """Aten ops the host dispatches per optimizer step once an epoch is under way: the difference
     between epochs of 2w and w windows, over w (so the epoch's fixed costs, its first window and the
     capture among them, cancel)."""
-    config = job.config
-    model = build_model(config["width"], job.seed, job.device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    batches = list(job.train.train_batches(config["batch_size"], job.seed, 0))
+    arm = training.Arm(job, BASELINE)
+    batches = list(job.train.train_batches(job.config["batch_size"], job.seed, 0))
     # Full batches only (a short last one would run eagerly), and two windows at least, so that both
     # counts hold the first window and the capture.
     windows = min(8, (len(batches) - 1) // 2)
     if windows < 2:
         raise UserError(f"{len(batches)} batches per epoch: counting ops per step needs at least 5")
     counts = []
-    with on_a_stream(job.device):
+    with training.on_stream(own_stream(job.device), job.device):
         for n in (windows, 2 * windows):
             with OpCounter() as counter:
-                steps.train_epoch(model, optimizer, batches[:n], 1, job.autocast(), capture)
+                steps.train_epoch(arm.model, arm.optimizer, batches[:n], 1, job.autocast(), capture)
             counts.append(counter.count)
     return (counts[1] - counts[0]) / windows
 
 
-def arms_at_once(jobs, n):
+def train_at_once(jobs, n):
     """Every job's baseline and phase arm (no control), n at a time, in a new folder: (their records
     without timings, wall seconds)."""
     records = {}
@@ -223,15 +209,9 @@ def arms_at_once(jobs, n):
         ours = [dataclasses.replace(job, folder=Path(folder), progress=progress, stop=stop,
                                     config=job.config | {"control": "none"}) for job in jobs]  # fmt: skip
         begun = time.perf_counter()
-        training.train_seeds(ours, n, lambda job, arms: records.update({job.seed: without_seconds(arms)}))
+        training.train_seeds(ours, n, lambda job, arms: records.update({job.seed: without_timings(arms)}))
         seconds = time.perf_counter() - begun
     return records, seconds
-
-
-def without_seconds(obj):
-    if isinstance(obj, dict):
-        return {k: without_seconds(v) for k, v in obj.items() if not k.endswith("seconds")}
-    return [without_seconds(v) for v in obj] if isinstance(obj, list) else obj
 
 
 if __name__ == "__main__":

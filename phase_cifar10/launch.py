@@ -443,8 +443,7 @@ def train_seeds(runs):
     """This process's seeds of each run (launch, plans, finished), their locks held, every arm of
     every run scheduled together; returns one line per diverged arm."""
     jobs, on_device, stop, diverged = [], {}, threading.Event(), []
-    first = runs[0][0]
-    todos = []
+    first, to_train = runs[0][0], []  # (launch, {seed: plan} of the seeds it still trains)
     for launch, plans, finished in runs:
         settings, folder = launch.settings, launch.output_dir
         for seed, results in finished.items():
@@ -458,33 +457,24 @@ def train_seeds(runs):
             f" ({launch.precision}, {len(arms_of(settings.values()))} arms, {settings.epochs} epochs{where}),"
             f" writing to {folder}"
         )
-        todos.append(todo)
+        to_train.append((launch, todo))
     if not first.settings.val_size:
         print("note: without --val-size the test split drives the controller and best-epoch selection")
-    arm_epochs = arms = 0
-    for (launch, _, _), todo in zip(runs, todos, strict=True):
-        arms += len(todo) * len(arms_of(launch.settings.values()))
-        arm_epochs += len(todo) * len(arms_of(launch.settings.values())) * launch.settings.epochs
-    sizes = next((plan.config for todo in todos for plan in todo.values()), {"train_size": 0, "test_size": 0})
+    arm_epochs = sum(len(todo) * len(arms_of(launch.settings.values())) * launch.settings.epochs
+                     for launch, todo in to_train)  # fmt: skip
+    sizes = next((plan.config for _, todo in to_train for plan in todo.values()), {"train_size": 0, "test_size": 0})
     progress = Progress(arm_epochs, sizes["train_size"], sizes["test_size"] + first.settings.val_size)
-    at_once = first.settings.concurrent_arms or (arms if first.device.type == "cuda" else 1)
-    if first.device.type == "cuda" and at_once > training.MAX_ARMS_AT_ONCE_ON_CUDA:
-        at_once = training.MAX_ARMS_AT_ONCE_ON_CUDA
-        print(f"note: at most {at_once} arms at once on CUDA (one stream each); the others wait their turn")
-    if at_once > 1:
-        on = " on a CUDA stream" if first.device.type == "cuda" else ""
-        print(f"up to {min(at_once, arms)} arms at once, each in a thread{on}")
 
     def seed_done(job, records):
         results = seed_results(job.config, records)
         write_seed(job.folder, job.seed, results)
-        diverged.extend(f"seed {job.seed} {name} in epoch {results[name]['diverged_epoch'] + 1}" for name in ARMS
+        diverged.extend(f"{job.who(name)} in epoch {results[name]['diverged_epoch'] + 1}" for name in ARMS
                         if name in results and results[name]["status"] == "diverged")  # fmt: skip
 
-    for (launch, _, _), todo in zip(runs, todos, strict=True):
+    for launch, todo in to_train:
         run = f"{launch.output_dir.name}: " if len(runs) > 1 else ""
-        jobs += [replace(job, run=run) for job in seed_jobs(launch, todo, progress, at_once == 1, on_device, stop)]
-    training.train_seeds(jobs, max(at_once, 1), seed_done)
+        jobs += [replace(job, run=run) for job in seed_jobs(launch, todo, progress, on_device, stop)]
+    training.train_seeds(jobs, first.settings.concurrent_arms, seed_done)
     return diverged
 
 
@@ -509,7 +499,7 @@ def remove_leftovers(folder, seed, earlier_run):
         path.unlink(missing_ok=True)
 
 
-def seed_jobs(launch, plans, progress, batch_line, on_device=None, stop=None):
+def seed_jobs(launch, plans, progress, on_device=None, stop=None):
     """Each seed's training job. The splits go onto the device once, in the layout the model uses
     there, and serve every seed that trains on the same images (every seed, on CIFAR-10). Several
     runs' calls share on_device, which holds the splits, and stop, which stops all their arms."""
@@ -541,7 +531,6 @@ def seed_jobs(launch, plans, progress, batch_line, on_device=None, stop=None):
             progress=progress,
             capture=capture,
             stop=stop,
-            batch_line=batch_line,
         )
         for seed, plan in plans.items()
     ]

@@ -23,9 +23,18 @@ STATUSES = ("ok", "diverged", "not_run")
 RESULTS_LOGS = ("train_loss", "eval_loss", "eval_acc", "lr")
 # The logs an arm keeps from its first epoch (val_loss and val_acc join with --val-size).
 ARM_LOGS = ("train_loss", "train_acc", "eval_loss", "eval_acc", "lr", "steps", "train_seconds", "eval_seconds")
+
 PHASE_ARM_LOGS = (*ARM_LOGS, "phase", "dL", "lr_mult", "accumulation")
 WHOLE_LOGS = ("steps", "accumulation")  # counts; every other log but phase holds finite numbers
 CHECKPOINT_PARTS = ("config", "next_epoch", "arm", "logged", "log_bytes", "model", "optimizer", "scheduler")
+
+
+def without_timings(obj):
+    """A results structure without its timings and output folder: what two runs of one command into
+    two folders must share, value for value."""
+    if isinstance(obj, dict):
+        return {k: without_timings(v) for k, v in obj.items() if not k.endswith("_seconds") and k != "output_dir"}
+    return [without_timings(v) for v in obj] if isinstance(obj, list) else obj
 
 
 def results_path(folder, seed="*"):

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,16 +64,21 @@ class SeedJob:
         return f"{self.run}seed {self.seed} {arm}"
 
 
-def train_seeds(jobs, at_once, seed_done):
-    """Every arm of every job, at most at_once arms at a time, the earliest seed's first; calls
-    seed_done(job, records) in this thread as soon as a seed's arms are all done.
+def train_seeds(jobs, concurrent_arms, seed_done):
+    """Every arm of every job, the earliest seed's first, as many at once as arms_at_once allows;
+    calls seed_done(job, records) in this thread as soon as a seed's arms are all done.
 
     Each seed trains its baseline and phase arm, then its control: the control's constant needs the
-    phase arm's whole schedule. With at_once 1 the arms train in this thread, seed after seed, in
-    that order. Otherwise each arm trains in a thread of its own; arms are built (models initialized,
-    checkpoints restored) here, one at a time, since initialization draws from torch's global RNG.
-    An error or Ctrl-C stops every arm before its next batch; their last checkpoints stand.
+    phase arm's whole schedule. One at a time, the arms train in this thread, seed after seed, in
+    that order, with the terminal's batch line. Otherwise each arm trains in a thread of its own;
+    arms are built (models initialized, checkpoints restored) here, one at a time, since
+    initialization draws from torch's global RNG. An error or Ctrl-C stops every arm before its
+    next batch; their last checkpoints stand.
     """
+    device = jobs[0].device if jobs else torch.device("cpu")
+    at_once = arms_at_once(device, concurrent_arms, sum(len(arms_of(job.config)) for job in jobs))
+    for job in jobs:
+        job.batch_line = at_once == 1
     records = [{} for _ in jobs]  # each job's {arm name: record}; a study's cells share seeds
     ready = []  # (seed's place, arm's place, job, the arm's constructor): the smallest trains next
     for place, job in enumerate(jobs):
@@ -99,7 +105,7 @@ def train_seeds(jobs, at_once, seed_done):
         if len(records[place]) == len(arms_of(job.config)):
             seed_done(job, records[place])
 
-    streams = arm_streams(jobs[0].device if jobs else None, at_once)
+    streams = arm_streams(device, at_once)
     if at_once == 1:
         while ready:
             place, job, arm = next_arm()
@@ -126,9 +132,22 @@ def train_seeds(jobs, at_once, seed_done):
 MAX_ARMS_AT_ONCE_ON_CUDA = 32
 
 
+def arms_at_once(device, concurrent_arms, arms):
+    """How many of `arms` train at once: --concurrent-arms, or with 0 every arm on CUDA and one
+    elsewhere; on CUDA at most MAX_ARMS_AT_ONCE_ON_CUDA. Says so when that is more than one."""
+    asked = concurrent_arms or (arms if device.type == "cuda" else 1)
+    at_once = min(asked, MAX_ARMS_AT_ONCE_ON_CUDA) if device.type == "cuda" else asked
+    if at_once < min(asked, arms):
+        print(f"note: at most {at_once} arms at once on CUDA (one stream each); the others wait their turn")
+    if at_once > 1 and arms > 1:
+        on = " on a CUDA stream" if device.type == "cuda" else ""
+        print(f"up to {min(at_once, arms)} arms at once, each in a thread{on}")
+    return max(at_once, 1)
+
+
 def arm_streams(device, at_once):
     """On CUDA, one stream per arm that may train at once, to be lent to one arm at a time; else None."""
-    if device is None or device.type != "cuda":
+    if device.type != "cuda":
         return None
     streams = queue.SimpleQueue()
     for _ in range(at_once):  # consecutive streams of torch's pool: all distinct
@@ -143,13 +162,23 @@ def train_on_a_stream(job, arm, streams):
         return train_arm(job, arm)
     stream = streams.get()
     try:
-        stream.wait_stream(torch.cuda.current_stream(job.device))  # the data and the arm were made there
-        with torch.cuda.stream(stream):
-            record = train_arm(job, arm)
-        torch.cuda.current_stream(job.device).wait_stream(stream)
-        return record
+        with on_stream(stream, job.device):
+            return train_arm(job, arm)
     finally:
         streams.put(stream)
+
+
+@contextmanager
+def on_stream(stream, device):
+    """The block on a CUDA stream, after the work queued so far on the device's current stream (the
+    data and the arm were made there), which then waits for it; with stream None, as it is."""
+    if stream is None:
+        yield
+        return
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        yield
+    torch.cuda.current_stream(device).wait_stream(stream)
 
 
 def train_arm(job, arm):

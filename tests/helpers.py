@@ -134,6 +134,11 @@ def without_timings(obj):
     return obj
 
 
+def results_files(folder):
+    """{name: contents without timings} of every JSON file in folder: results files and summary."""
+    return {path.name: without_timings(read_json(path)) for path in sorted(Path(folder).glob("*.json"))}
+
+
 def leftover_temp_files(folder):
     return sorted(p.name for p in Path(folder).rglob(".*.tmp-*"))
 

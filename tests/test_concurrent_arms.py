@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from helpers import TINY, files_left, one_line_error, read_json, run_main, without_timings
+from helpers import TINY, files_left, one_line_error, results_files, run_main
 
 from phase_cifar10 import data, files, launch, training
 from phase_cifar10.settings import Settings
@@ -25,18 +25,16 @@ def one_at_a_time(tmp_path_factory):
     out = tmp_path_factory.mktemp("one_at_a_time")
     code, stdout, stderr = run_main([*RUN, "--output-dir", out])
     assert code == 0, stderr
-    return {name: without_timings(read_json(out / name)) for name in RESULTS}, stdout
-
-
-def results_of(folder):
-    return {name: without_timings(read_json(folder / name)) for name in RESULTS}
+    results = results_files(out)
+    assert sorted(results) == sorted(RESULTS)
+    return results, stdout
 
 
 @pytest.mark.parametrize("at_once", [2, 6])
 def test_arms_at_once_give_the_results_of_one_at_a_time(tmp_path, one_at_a_time, at_once):
     code, stdout, stderr = run_main([*RUN, "--output-dir", tmp_path, "--concurrent-arms", at_once])
     assert code == 0, stderr
-    assert results_of(tmp_path) == one_at_a_time[0]
+    assert results_files(tmp_path) == one_at_a_time[0]
     assert f"up to {at_once} arms at once" in stdout and "up to" not in one_at_a_time[1]
     # A control never starts before its phase arm has ended.
     lines = stdout.splitlines()
@@ -99,7 +97,7 @@ def test_a_stop_while_arms_train_at_once_loses_nothing_and_resume_equals_an_unin
     code, stdout, stderr = run_main([*RUN, "--output-dir", tmp_path, "--concurrent-arms", 6, "--resume"])
     assert code == 0, stderr
     assert "resumed after epoch" in stdout
-    assert results_of(tmp_path) == one_at_a_time[0]
+    assert results_files(tmp_path) == one_at_a_time[0]
 
 
 def test_the_data_goes_onto_the_device_once_for_every_seed_that_trains_on_it(tmp_path):
@@ -107,8 +105,8 @@ def test_the_data_goes_onto_the_device_once_for_every_seed_that_trains_on_it(tmp
     launch_ = launch.Launch(settings, launch.pick_device("cpu"), "fp32", tmp_path)
     dataset = data.synthetic_dataset(0)  # two seeds on the same images, as on CIFAR-10
     plans = {seed: launch.plan_seed(launch_, seed)._replace(data=dataset) for seed in (1, 2)}
-    jobs = launch.seed_jobs(launch_, plans, progress=None, batch_line=True)
+    jobs = launch.seed_jobs(launch_, plans, progress=None)
     assert jobs[0].train is jobs[1].train and jobs[0].test is jobs[1].test and jobs[0].val is jobs[1].val
     assert jobs[0].train is not jobs[0].val
-    own = launch.seed_jobs(launch_, {seed: launch.plan_seed(launch_, seed) for seed in (1, 2)}, None, True)
+    own = launch.seed_jobs(launch_, {seed: launch.plan_seed(launch_, seed) for seed in (1, 2)}, None)
     assert own[0].train is not own[1].train  # synthetic data: each seed makes its own

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from helpers import ROOT, TINY, interrupt_after, read_json, run_main, without_timings
+from helpers import ROOT, TINY, interrupt_after, read_json, results_files, run_main
 
 from phase_cifar10 import launch, study
 from phase_cifar10.files import UserError
@@ -30,14 +30,10 @@ def whole_study(tmp_path_factory):
     return out
 
 
-def cell_results(folder):
-    return {p.name: without_timings(read_json(p)) for p in sorted(folder.glob("*.json"))}
-
-
 def test_a_cell_holds_what_the_multi_seed_run_of_its_settings_writes(whole_study, tmp_path):
     code, _, stderr = run_main([*RUN, "--base-lr", "0.04", "--output-dir", tmp_path])
     assert code == 0, stderr
-    assert cell_results(whole_study / "base_lr=0.04") == cell_results(tmp_path)
+    assert results_files(whole_study / "base_lr=0.04") == results_files(tmp_path)
     assert read_json(whole_study / "base_lr=0.01" / "results_seed_1.json")["config"]["base_lr"] == 0.01
 
 
@@ -70,7 +66,7 @@ def test_a_study_cut_off_continues_with_resume(whole_study, tmp_path, monkeypatc
     assert run_study("--output-dir", tmp_path, *GRID, *RUN) == 2  # refused: --resume or --restart
     assert run_study("--output-dir", tmp_path, *GRID, *RUN, "--resume") == 0
     for cell in CELLS:
-        assert cell_results(tmp_path / cell) == cell_results(whole_study / cell)
+        assert results_files(tmp_path / cell) == results_files(whole_study / cell)
     assert (tmp_path / "study.md").read_text() == (whole_study / "study.md").read_text()
 
 
@@ -108,4 +104,4 @@ def test_cells_trained_at_once_write_each_seed_once_with_its_own_arms(whole_stud
     expected = [(str(seed), str(tmp_path / cell / f"results_seed_{seed}.json")) for seed in (1, 2, 3) for cell in CELLS]
     assert sorted(written) == sorted(expected)
     for cell in CELLS:
-        assert cell_results(tmp_path / cell) == cell_results(whole_study / cell)
+        assert results_files(tmp_path / cell) == results_files(whole_study / cell)

@@ -26,12 +26,9 @@ python3 - "$out" <<'PYTHON'
 import json, sys
 from pathlib import Path
 
-out = Path(sys.argv[1])
+from phase_cifar10.records import without_timings
 
-def without_timings(obj):
-    if isinstance(obj, dict):
-        return {k: without_timings(v) for k, v in obj.items() if not k.endswith("seconds") and k != "output_dir"}
-    return [without_timings(v) for v in obj] if isinstance(obj, list) else obj
+out = Path(sys.argv[1])
 
 def results(run):
     return {p.name: without_timings(json.loads(p.read_text())) for p in sorted((out / run).glob("*.json"))}
