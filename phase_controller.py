@@ -86,10 +86,8 @@ class PhaseController:
 
     SETTINGS = ("s1_threshold", "s2_threshold", "lr_pulse", "grad_accum", "s3_patience", "dl_window", "dl_mode")
 
-    def __init__(
-        self, s1_threshold=-0.02, s2_threshold=0.005, lr_pulse=1.1, grad_accum=2, s3_patience=5, dl_window=3,
-        dl_mode="absolute",
-    ):  # fmt: skip
+    def __init__(self, s1_threshold=-0.02, s2_threshold=0.005, lr_pulse=1.1, grad_accum=2, s3_patience=5, dl_window=3,
+                 dl_mode="absolute"):  # fmt: skip
         if dl_mode not in ("absolute", "relative"):
             raise ValueError(f"dl_mode must be 'absolute' or 'relative', got {dl_mode!r}")
         self.s1_threshold = _finite("s1_threshold", s1_threshold)
@@ -103,8 +101,7 @@ class PhaseController:
         self.dl_mode = dl_mode
         self.recent_losses = []  # the last dl_window + 1 training losses: all that dL needs
         self.epochs_seen = 0  # training losses observed
-        self.dL = 0.0
-        self.phase = S0_EXPLORE
+        self.dL, self.phase = 0.0, S0_EXPLORE
         self.best_eval = math.inf  # best eval loss seen in S2
         self.stale = 0  # evaluations in S2 since the best improved
         self.transitions = []  # one line per transition, for people: epochs counted from 1
@@ -129,23 +126,26 @@ class PhaseController:
         if not math.isfinite(dL):  # finite losses near the float limit whose difference is not
             raise ValueError(f"dL of train_loss {train_loss} overflows to {dL}: losses this large are not a loss curve")
         self.recent_losses, self.epochs_seen, self.dL = losses, self.epochs_seen + 1, dL
+        phase, reason = self.next_phase(eval_loss) or (self.phase, None)
+        if phase != self.phase:
+            self.transitions.append(f"after epoch {self.epochs_seen}: {self.phase} -> {phase} ({reason})")
+            self.transition_epochs[phase[:2]], self.phase = self.epochs_seen - 1, phase
+        return self.recommendation()
+
+    def next_phase(self, eval_loss):
+        """(phase, reason) to enter after the epoch just observed, or None: the rules above (override for others)."""
         if self.phase == S0_EXPLORE and self.epochs_seen >= 3 and self.dL < self.s1_threshold:
-            self._enter(S1_BOUNDARY, f"dL {self.dL:+.4f} < s1_threshold {self.s1_threshold:+.4f}")
-        elif self.phase == S1_BOUNDARY and abs(self.dL) < self.s2_threshold:
-            self._enter(S2_AXIS_LOCK, f"|dL| {abs(self.dL):.4f} < s2_threshold {self.s2_threshold:.4f}")
-        elif self.phase == S2_AXIS_LOCK and eval_loss is not None:
+            return S1_BOUNDARY, f"dL {self.dL:+.4f} < s1_threshold {self.s1_threshold:+.4f}"
+        if self.phase == S1_BOUNDARY and abs(self.dL) < self.s2_threshold:
+            return S2_AXIS_LOCK, f"|dL| {abs(self.dL):.4f} < s2_threshold {self.s2_threshold:.4f}"
+        if self.phase == S2_AXIS_LOCK and eval_loss is not None:
             if eval_loss < self.best_eval - EVAL_MIN_DELTA:
                 self.best_eval, self.stale = eval_loss, 0
             else:
                 self.stale += 1
             if self.stale >= self.s3_patience:
-                self._enter(S3_POLISH, f"eval loss not below {self.best_eval:.4f} for {self.stale} evaluations")
-        return self.recommendation()
-
-    def _enter(self, phase, reason):
-        self.transitions.append(f"after epoch {self.epochs_seen}: {self.phase} -> {phase} ({reason})")
-        self.transition_epochs[phase[:2]] = self.epochs_seen - 1
-        self.phase = phase
+                return S3_POLISH, f"eval loss not below {self.best_eval:.4f} for {self.stale} evaluations"
+        return None
 
     def metrics(self):
         """The state as flat numbers and short strings, for any logger (TensorBoard, W&B, Lightning)."""

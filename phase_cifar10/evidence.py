@@ -12,6 +12,7 @@ from .files import UserError, write_json
 from .records import (
     ARMS,
     BASELINE,
+    BORROWED,
     CONTROL,
     METRICS,
     PHASE_AWARE,
@@ -257,10 +258,17 @@ def print_seed_result(results):
             f"seed {seed} control lr_mult {results[CONTROL]['fixed_lr_mult']:.4f} (matched on the total update;"
             f" the phase arm's plain mean multiplier is {results[PHASE_AWARE]['mean_lr_mult']:.4f})"
         )
-    for other in (BASELINE, CONTROL):
-        if other in results:
-            best, final = (results[delta_key(metric, other)] for metric in METRICS)
-            print(f"seed {seed} delta (phase_aware - {other}): best {fmt_points(best)}  final {fmt_points(final)}")
+    if BORROWED in results:
+        borrowed = results[BORROWED]
+        timing = ", ".join(
+            f"{key} after epoch {epoch + 1}" for key, epoch in borrowed.get("transition_epochs", {}).items()
+        )
+        print(
+            f"seed {seed} borrowed follows seed {borrowed['borrowed_from']}'s timing ({timing or 'no phase entered'})"
+        )
+    for other in [name for name in ARMS if name != PHASE_AWARE and name in results]:
+        best, final = (results[delta_key(metric, other)] for metric in METRICS)
+        print(f"seed {seed} delta (phase_aware - {other}): best {fmt_points(best)}  final {fmt_points(final)}")
     for line in results[PHASE_AWARE].get("transitions", []):
         print(f"seed {seed} transition {line}")
     print_criteria(seed_criteria(results), prefix=f"seed {seed} ")

@@ -14,7 +14,7 @@ from phase_controller import PHASES, S0_EXPLORE, S1_BOUNDARY, S2_AXIS_LOCK, S3_P
 
 from .data import data_label
 from .files import write_atomically
-from .records import BASELINE, CONTROL, PHASE_AWARE, paired_delta, transition_key
+from .records import ARMS, BASELINE, BORROWED, CONTROL, PHASE_AWARE, paired_delta, transition_key
 from .settings import identity
 
 PHASE_COLORS = {S0_EXPLORE: "#e4e4e4", S1_BOUNDARY: "#ffd8a8", S2_AXIS_LOCK: "#a5d8ff", S3_POLISH: "#b2f2bb"}
@@ -23,8 +23,9 @@ ARM_STYLES = {
     BASELINE: {"color": "0.55", "lw": 3.2, "zorder": 2, "label": "baseline"},
     PHASE_AWARE: {"color": "tab:red", "lw": 1.6, "zorder": 3, "label": "phase-aware"},
     CONTROL: {"color": "tab:blue", "lw": 1.6, "zorder": 4, "ls": (0, (4, 2.5)), "label": "LR-matched control"},
+    BORROWED: {"color": "tab:green", "lw": 1.6, "zorder": 5, "ls": (0, (1, 2)), "label": "borrowed timing"},
 }
-COMPARISONS = {BASELINE: "vs baseline", CONTROL: "vs LR-matched control"}
+COMPARISONS = {BASELINE: "vs baseline", CONTROL: "vs LR-matched control", BORROWED: "vs borrowed timing"}
 
 
 def pyplot():
@@ -265,11 +266,11 @@ def plot_study(rows, path, title):
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
     x = range(len(rows))
-    for offset, arm in zip((-0.15, 0, 0.15), (BASELINE, PHASE_AWARE, CONTROL), strict=True):
-        if not any(arm in row["final_acc"] for row in rows):
-            continue
+    arms = [arm for arm in ARMS if any(arm in row["final_acc"] for row in rows)]
+    for offset, arm in zip(0.2 * (np.arange(len(arms)) - (len(arms) - 1) / 2), arms, strict=True):
         means = [row["final_acc"][arm]["mean"] if arm in row["final_acc"] else None for row in rows]
-        (line,) = axis.plot([i + offset for i in x], means, marker="_", markersize=14, label=arm)
+        style = {key: ARM_STYLES[arm][key] for key in ("color", "label")}
+        (line,) = axis.plot([i + offset for i in x], means, marker="_", markersize=14, **style)
         for i, row in enumerate(rows):
             per_seed = row["final_acc"].get(arm, {}).get("per_seed", {})
             axis.scatter([i + offset] * len(per_seed), list(per_seed.values()), s=10, alpha=0.5, color=line.get_color())

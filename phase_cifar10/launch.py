@@ -37,6 +37,8 @@ from .model import MOMENTUM, WEIGHT_DECAY, memory_format_for, parameter_count
 from .progress import Progress
 from .records import (
     ARMS,
+    BORROWED,
+    PHASE_AWARE,
     BadRecord,
     arms_of,
     check_checkpoint,
@@ -129,6 +131,9 @@ def start(settings):
     device = pick_device(settings.device, local_rank, local_world)
     precision = choose_precision(settings.bf16, device)
     output_dir = check_output_dir(settings.output_dir)
+    if world > 1 and BORROWED in arms_of(settings.values()):
+        raise UserError(f"--control {settings.control}: a seed's borrowed arm waits for another seed's phase arm, "
+                        "so its seeds train in one process: start it without torchrun")  # fmt: skip
     if world > 1:
         join_ranks(rank, world)
     return Launch(settings, device, precision, output_dir, rank, world)
@@ -400,6 +405,7 @@ def check_resumable(launch, seed, config):
     path = results_path(folder, seed)
     results = read_results_file(path, seed) if path.exists() else None
     saved = [(path, results["config"])] if results else []
+    followed = results[BORROWED]["borrowed_from"] if results and BORROWED in results else None  # its donor
     for name in ARMS:
         path = checkpoint_path(folder, seed, name)
         if path.exists():
@@ -410,12 +416,19 @@ def check_resumable(launch, seed, config):
             except BadRecord as e:
                 raise UserError(f"--resume: cannot use {path} ({e}); {RESTART}") from None
             saved.append((path, state["config"]))
+            followed = state["arm"]["borrowed_from"] if name == BORROWED else followed
     for path, saved_config in saved:
         if differing := differences(identity(saved_config), now):
             raise UserError(
                 f"--resume: {path} was made with other settings ({'; '.join(differing)}); "
                 "rerun with those settings, or with --restart to train the seed afresh"
             )
+    if followed is not None and followed != (donor := donor_of(launch.settings, seed)):
+        raise UserError(
+            f"--resume: seed {seed}'s borrowed arm in {folder} follows seed {followed}'s timing, but with --seeds "
+            f"{launch.settings.seeds} it borrows seed {donor}'s: rerun with the seeds in their earlier order, or "
+            "with --restart to train the seed afresh"
+        )
     return results
 
 
@@ -471,11 +484,28 @@ def train_seeds(runs):
         diverged.extend(f"{job.who(name)} in epoch {results[name]['diverged_epoch'] + 1}" for name in ARMS
                         if name in results and results[name]["status"] == "diverged")  # fmt: skip
 
-    for launch, todo in to_train:
+    for (launch, todo), (_, _, finished) in zip(to_train, runs, strict=True):
         run = f"{launch.output_dir.name}: " if len(runs) > 1 else ""
-        jobs += [replace(job, run=run) for job in seed_jobs(launch, todo, progress, on_device, stop)]
+        jobs += [replace(job, run=run, **borrowing(launch.settings, job.seed, finished))
+                 for job in seed_jobs(launch, todo, progress, on_device, stop)]  # fmt: skip
     training.train_seeds(jobs, first.settings.concurrent_arms, seed_done)
     return diverged
+
+
+def donor_of(settings, seed):
+    """The seed whose phase arm's timing the seed's borrowed arm follows: the next seed of the run,
+    the first for the last."""
+    seeds = settings.seeds_to_run()
+    return seeds[(seeds.index(seed) + 1) % len(seeds)]
+
+
+def borrowing(settings, seed, finished):
+    """With --control borrowed, the SeedJob fields of the seed's borrowed arm: its donor, and the
+    donor's phase arm when that seed finished in an earlier run."""
+    if BORROWED not in arms_of(settings.values()):
+        return {}
+    donor = donor_of(settings, seed)
+    return {"donor": donor, "donor_phase": finished[donor][PHASE_AWARE] if donor in finished else None}
 
 
 def write_seed(folder, seed, results):

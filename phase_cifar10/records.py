@@ -15,7 +15,9 @@ from .model import base_lr_at
 from .settings import check_config, identity
 
 # The arms of a seed, as the results files name them, and the accuracies compared between them.
-ARMS = (BASELINE, PHASE_AWARE, CONTROL) = ("baseline", "phase_aware", "control")
+ARMS = (BASELINE, PHASE_AWARE, CONTROL, BORROWED) = ("baseline", "phase_aware", "control", "borrowed")
+CONTROLS = {"lr-matched": CONTROL, "borrowed": BORROWED}  # --control's names for the arms it adds
+CONTROLLED = (PHASE_AWARE, BORROWED)  # the arms a controller steers: they log its phase, dL and schedule
 METRICS = ("best_acc", "final_acc")
 STATUSES = ("ok", "diverged", "not_run")
 # What the readers of a results file use from each arm's per-epoch log, and the phase arm's phase
@@ -64,8 +66,9 @@ def seeds_with_results(folder):
 
 
 def arms_of(config):
-    """The arms a run with this config trains: baseline and phase arm, and the control if asked for."""
-    return (BASELINE, PHASE_AWARE) + ((CONTROL,) if config["control"] == "lr-matched" else ())
+    """The arms a run with this config trains: baseline and phase arm, and the controls asked for."""
+    asked = config["control"].split("+")
+    return (BASELINE, PHASE_AWARE) + tuple(arm for name, arm in CONTROLS.items() if name in asked)
 
 
 def delta_key(metric, other):
@@ -143,7 +146,8 @@ def check_results(results):
         require(isinstance(results.get(name), dict), f"no {name} arm")
         check_record(results[name], name, RESULTS_LOGS, config["epochs"])
         check_accuracies(results[name], name)
-    require(CONTROL in arms or CONTROL not in results, "a control arm, but config's control is 'none'")
+    for name in CONTROLS.values():
+        require(name in arms or name not in results, f"a {name} arm, but config's control is {config['control']!r}")
 
 
 def check_settings(config):
@@ -162,9 +166,9 @@ def check_record(record, name, logs, epochs, next_epoch=None):
     diverged in.
     """
     status, log = record.get("status"), record.get("per_epoch")
-    require(status in STATUSES and (status != "not_run" or name == CONTROL), f"{name} status {status!r}")
+    require(status in STATUSES and (status != "not_run" or name in CONTROLS.values()), f"{name} status {status!r}")
     require(isinstance(log, dict), f"{name} has no per_epoch log")
-    required = logs + (("phase",) if name == PHASE_AWARE else ())
+    required = logs + (("phase",) if name in CONTROLLED else ())
     missing = [key for key in required if key not in log]
     require(not missing, f"{name} per_epoch lacks {', '.join(missing)}")
     require(all(isinstance(values, list) for values in log.values()), f"{name} per_epoch holds a non-list")
@@ -182,8 +186,10 @@ def check_record(record, name, logs, epochs, next_epoch=None):
     else:
         require(done == 0 and isinstance(record.get("reason"), str), f"{name} was not run but logs {done} epochs")
     lr_mult = record.get("fixed_lr_mult")
-    if name != PHASE_AWARE:  # a constant multiplier (the control's unknown when not run)
+    if name not in CONTROLLED:  # a constant multiplier (the control's unknown when not run)
         require(is_finite_number(lr_mult) and lr_mult > 0 or status == "not_run", f"{name} fixed_lr_mult {lr_mult!r}")
+    if name == BORROWED:
+        require(is_whole(record.get("borrowed_from"), 0), f"{name} borrowed_from {record.get('borrowed_from')!r}")
     transitions = record.get("transition_epochs", {})
     require(
         isinstance(transitions, dict) and all(k in map(transition_key, PHASES[1:]) and is_whole(e, 0) and e < done
@@ -279,13 +285,13 @@ def check_checkpoint(state, name, seed):
     next_epoch, record, scheduler = state["next_epoch"], state["arm"], state["scheduler"]
     require(is_whole(next_epoch, 1) and next_epoch <= epochs, f"next_epoch {next_epoch!r} not in 1..{epochs}")
     require(isinstance(record, dict), "no arm record")
-    check_record(record, name, PHASE_ARM_LOGS if name == PHASE_AWARE else ARM_LOGS, epochs, next_epoch)
+    check_record(record, name, PHASE_ARM_LOGS if name in CONTROLLED else ARM_LOGS, epochs, next_epoch)
     require(isinstance(scheduler, dict), "no scheduler state")
     require(scheduler.get("last_epoch") == next_epoch, f"the scheduler stepped {scheduler.get('last_epoch')!r} "
             f"times in {next_epoch} epochs")  # fmt: skip
     controller, log = scheduler.get("controller"), record["per_epoch"]
-    if name == PHASE_AWARE:
-        require(isinstance(controller, dict), "no controller in the phase arm")
+    if name in CONTROLLED:
+        require(isinstance(controller, dict), f"no controller in the {name} arm")
         window = settings["dl_window"] + 1
         seen = (controller.get("recent_losses"), controller.get("epochs_seen"))
         require(seen == (log["train_loss"][-window:], len(log["train_loss"])), "its controller did not see the "

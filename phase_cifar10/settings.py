@@ -92,8 +92,10 @@ class Settings:
     )
     eager: bool = setting(False, "on CUDA, run every step eagerly instead of replaying CUDA graphs (slower)", RUN)
     control: str = setting(
-        "none", "lr-matched: a third arm, accumulation 1, at one constant LR multiplier that matches the phase "
-        "arm's total update (sum of LR x optimizer steps)", RUN, one_of("none", "lr-matched"),
+        "none", "lr-matched: an arm at accumulation 1 and one constant LR multiplier that matches the phase arm's "
+        "total update (sum of LR x optimizer steps); borrowed: an arm on the phase arm's schedule with the next "
+        "seed's timing (its phases entered after the epochs that seed's controller chose); lr-matched+borrowed: both",
+        RUN, one_of("none", "lr-matched", "borrowed", "lr-matched+borrowed"),
     )  # fmt: skip
     dataset: str = setting("cifar10", "synthetic: for smoke runs", DATA, one_of("cifar10", "synthetic"))
     data_dir: str = setting("data", "holds cifar-10-batches-py/", DATA, PATH)
@@ -128,6 +130,9 @@ class Settings:
             check(settings.values(), flag)
         except ValueError as e:
             raise UserError(str(e)) from None
+        if "borrowed" in settings.control.split("+") and len(settings.seeds_to_run()) < 2:
+            raise UserError(f"--control {settings.control}: a seed borrows the next seed's timing, so it needs two "
+                            "seeds or more (--seeds A,B or --multi-seed)")  # fmt: skip
         return settings
 
     def values(self):
@@ -265,9 +270,14 @@ def check_config(config):
     check(values, lambda key: f"config's {key}")
 
 
+def controller_settings(values):
+    """The controller's settings among values (a Settings' values(), or a config), as PhaseController's keywords."""
+    return {key: values[key] for key in CONTROLLER_DEFAULTS}
+
+
 def controller_of(values):
-    """A PhaseController with the controller's settings among values: a Settings' values(), or a config."""
-    return PhaseController(**{key: values[key] for key in CONTROLLER_DEFAULTS})
+    """A PhaseController with the controller's settings among values."""
+    return PhaseController(**controller_settings(values))
 
 
 def seeds_in(text):

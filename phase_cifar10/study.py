@@ -21,11 +21,10 @@ from pathlib import Path
 from . import launch
 from .figures import plot_study
 from .files import UserError, write_atomically, write_json
-from .records import ARMS, BASELINE, CONTROL, PHASE_AWARE, summary_path
+from .records import ARMS, PHASE_AWARE, summary_path
 from .settings import OneLineParser, Settings, flag
 
 PROG = "python -m phase_cifar10.study"
-COMPARED = (BASELINE, CONTROL)  # the phase arm against each
 
 
 def main(argv=None):
@@ -89,7 +88,7 @@ def study_row(cell, summary):
     comparisons, and the epochs (1-based) after which each phase was detected, seed by seed."""
     arms = {name: summary["arms"][name]["final_acc"] for name in ARMS if name in summary["arms"]}
     comparisons = {}
-    for other in COMPARED:
+    for other in [arm for arm in ARMS if arm != PHASE_AWARE]:
         compared = summary["comparisons"].get(f"{PHASE_AWARE}_vs_{other}")
         if compared:
             final = compared["final_acc"]
@@ -102,13 +101,15 @@ def study_row(cell, summary):
 
 def study_table(rows):
     """The study's table in Markdown: a row per cell."""
-    head = ["cell", "seeds", *(f"{arm} final" for arm in ARMS)]
-    head += [f"Δ vs {other} (95% CI), p, pairs" for other in COMPARED] + ["S1 after epoch", "S2 after epoch"]
+    arms = [arm for arm in ARMS if any(arm in row["final_acc"] for row in rows)]  # the arms the cells trained
+    compared = [arm for arm in arms if arm != PHASE_AWARE]
+    head = ["cell", "seeds", *(f"{arm} final" for arm in arms)]
+    head += [f"Δ vs {other} (95% CI), p, pairs" for other in compared] + ["S1 after epoch", "S2 after epoch"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["cell"], str(len(row["seeds"]))]
-        cells += [f"{row['final_acc'][arm]['mean']:.2f}" if arm in row["final_acc"] else "" for arm in ARMS]
-        cells += [comparison_cell(row["comparisons"].get(other)) for other in COMPARED]
+        cells += [f"{row['final_acc'][arm]['mean']:.2f}" if arm in row["final_acc"] else "" for arm in arms]
+        cells += [comparison_cell(row["comparisons"].get(other)) for other in compared]
         for phase in ("S1", "S2"):
             epochs = [found.get(phase) for found in row["detected_after_epoch"].values()]
             cells.append(" ".join("never" if e is None else str(e) for e in epochs))

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from phase_controller import PhaseScheduler
+from phase_controller import PHASES, PhaseController, PhaseScheduler
 
 from .files import RESTART, UserError, append_to_file, one_line, os_error, signals_deferred, write_atomically
 from .loader import DeviceSplit
@@ -24,8 +24,11 @@ from .model import MOMENTUM, WEIGHT_DECAY, base_lr_at, build_model
 from .progress import Progress, show_batches
 from .records import (
     ARM_LOGS,
+    ARMS,
     BASELINE,
+    BORROWED,
     CONTROL,
+    CONTROLLED,
     PHASE_ARM_LOGS,
     PHASE_AWARE,
     BadRecord,
@@ -36,7 +39,7 @@ from .records import (
     held_out_loss,
     load_checkpoint,
 )
-from .settings import controller_of
+from .settings import controller_of, controller_settings
 from .steps import evaluate, train_epoch
 
 
@@ -58,6 +61,8 @@ class SeedJob:
     stop: threading.Event = field(default_factory=threading.Event)  # set: the arm stops before its next batch
     batch_line: bool = True  # the terminal's self-updating batch line (not while arms train at once)
     run: str = ""  # where several runs train together (a study's cells): "NAME: ", which begins its lines
+    donor: int | None = None  # with --control borrowed: the seed whose phase arm's timing the borrowed arm follows
+    donor_phase: dict | None = None  # that phase arm's record, when the donor finished in an earlier run
 
     def who(self, arm):
         """How the console names one of the seed's arms."""
@@ -68,22 +73,22 @@ def train_seeds(jobs, concurrent_arms, seed_done):
     """Every arm of every job, the earliest seed's first, as many at once as arms_at_once allows;
     calls seed_done(job, records) in this thread as soon as a seed's arms are all done.
 
-    Each seed trains its baseline and phase arm, then its control: the control's constant needs the
-    phase arm's whole schedule. One at a time, the arms train in this thread, seed after seed, in
-    that order, with the terminal's batch line. Otherwise each arm trains in a thread of its own;
-    arms are built (models initialized, checkpoints restored) here, one at a time, since
-    initialization draws from torch's global RNG. An error or Ctrl-C stops every arm before its
-    next batch; their last checkpoints stand.
+    Each seed trains its baseline and phase arm, then its controls, which follow a phase arm's
+    whole schedule: the LR-matched control its own seed's, the borrowed arm its donor seed's. One
+    at a time, the arms train in this thread, seed after seed, in that order (a borrowed arm as soon
+    as its donor's phase arm is done), with the terminal's batch line. Otherwise each arm trains in
+    a thread of its own; arms are built (models initialized, checkpoints restored) here, one at a
+    time, since initialization draws from torch's global RNG. An error or Ctrl-C stops every arm
+    before its next batch; their last checkpoints stand.
     """
     device = jobs[0].device if jobs else torch.device("cpu")
     at_once = arms_at_once(device, concurrent_arms, sum(len(arms_of(job.config)) for job in jobs))
     for job in jobs:
         job.batch_line = at_once == 1
     records = [{} for _ in jobs]  # each job's {arm name: record}; a study's cells share seeds
+    written = set()  # the places of the jobs passed to seed_done
     ready = []  # (seed's place, arm's place, job, the arm's constructor): the smallest trains next
-    for place, job in enumerate(jobs):
-        ready += [(place, 0, job, lambda job=job: Arm(job, BASELINE)),
-                  (place, 1, job, lambda job=job: Arm(job, PHASE_AWARE, controller_of(job.config)))]  # fmt: skip
+    waiting = {}  # (folder, donor seed): the (place, job) of each borrowed arm that waits for its phase arm
 
     def next_arm():
         ready.sort(key=lambda task: task[:2])
@@ -92,24 +97,43 @@ def train_seeds(jobs, concurrent_arms, seed_done):
             seed_everything(job.seed)
         return place, job, build()
 
-    def done(place, job, arm, record):
-        records[place][arm.name] = record
-        if arm.name == PHASE_AWARE:
+    def follow(place, job, name, phase_record):
+        """Queue the control `name` that follows phase_record, or record it as not run."""
+        arm = following_arm(job, name, phase_record)
+        if isinstance(arm, dict):
+            done(place, job, name, arm)
+        else:
+            ready.append((place, ARMS.index(name), job, arm))
+
+    def done(place, job, name, record):
+        records[place][name] = record
+        if name == PHASE_AWARE:
             record["mean_lr_mult"] = float(np.mean(record["per_epoch"]["lr_mult"] or [1.0]))
             if CONTROL in arms_of(job.config):
-                control = control_arm(job, record)
-                if isinstance(control, Arm):
-                    ready.append((place, 2, job, lambda: control))
-                else:
-                    records[place][CONTROL] = control
-        if len(records[place]) == len(arms_of(job.config)):
+                follow(place, job, CONTROL, record)
+            for borrower in waiting.pop((job.folder, job.seed), []):
+                follow(*borrower, BORROWED, record)
+        # Once: a control found not run within this call (by follow) may have completed the seed already.
+        if len(records[place]) == len(arms_of(job.config)) and place not in written:
+            written.add(place)
             seed_done(job, records[place])
+
+    for place, job in enumerate(jobs):
+        ready += [(place, 0, job, lambda job=job: Arm(job, BASELINE)),
+                  (place, 1, job, lambda job=job: Arm(job, PHASE_AWARE, controller_of(job.config)))]  # fmt: skip
+        if BORROWED in arms_of(job.config):
+            if job.donor_phase is not None:
+                follow(place, job, BORROWED, job.donor_phase)
+            else:
+                waiting.setdefault((job.folder, job.donor), []).append((place, job))
+    if unknown := set(waiting) - {(job.folder, job.seed) for job in jobs}:
+        raise ValueError(f"borrowed arms wait for phase arms this call does not train: {sorted(unknown)}")
 
     streams = arm_streams(device, at_once)
     if at_once == 1:
         while ready:
             place, job, arm = next_arm()
-            done(place, job, arm, train_on_a_stream(job, arm, streams))
+            done(place, job, arm.name, train_on_a_stream(job, arm, streams))
         return
     with ThreadPoolExecutor(at_once) as pool:
         running = {}
@@ -120,7 +144,8 @@ def train_seeds(jobs, concurrent_arms, seed_done):
                     running[pool.submit(train_on_a_stream, job, arm, streams)] = place, job, arm
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    done(*running.pop(future), future.result())
+                    place, job, arm = running.pop(future)
+                    done(place, job, arm.name, future.result())
         except BaseException:
             for job in jobs:
                 job.stop.set()  # the other arms stop before their next batch; the pool waits for them
@@ -227,7 +252,8 @@ class Arm:
         )
         # Each process trains whole seeds, never a shard of one: the controller sees this arm's losses alone.
         self.scheduler = PhaseScheduler(self.optimizer, controller, base, fixed_lr_mult, sync_ranks=False)
-        self.record, self.next_epoch = new_record(controller, fixed_lr_mult), 0
+        donor = controller.donor if isinstance(controller, BorrowedTiming) else None
+        self.record, self.next_epoch = new_record(name, fixed_lr_mult, donor), 0
         self.logged, self.log_bytes = 0, 0  # what the epoch log beside the checkpoint holds
         if job.resume and self.path.exists():
             self.restore()
@@ -322,10 +348,13 @@ class Arm:
         return with_accuracies(record, selected_by="val_acc" if self.job.val is not None else "eval_acc")
 
 
-def new_record(controller, fixed_lr_mult):
-    """An arm's record before its first epoch."""
-    record = {"status": "ok", "time_seconds": 0.0} | ({} if controller else {"fixed_lr_mult": fixed_lr_mult})
-    record["per_epoch"] = {key: [] for key in (PHASE_ARM_LOGS if controller else ARM_LOGS)}
+def new_record(name, fixed_lr_mult=None, borrowed_from=None):
+    """An arm's record before its first epoch: a constant multiplier's, or a controller's logs; the
+    borrowed arm's names its donor."""
+    controlled = name in CONTROLLED
+    record = {"status": "ok", "time_seconds": 0.0} | ({} if controlled else {"fixed_lr_mult": fixed_lr_mult})
+    record |= {"borrowed_from": borrowed_from} if name == BORROWED else {}
+    record["per_epoch"] = {key: [] for key in (PHASE_ARM_LOGS if controlled else ARM_LOGS)}
     return record
 
 
@@ -427,15 +456,58 @@ def matched_lr_mult(phase_record, config):
     return update / sum(base)
 
 
-def control_arm(job, phase_record):
-    """The LR-matched control arm: the base schedule times one constant, accumulation 1. Not run
-    when the phase arm diverged (its schedule, and so the constant, is incomplete): then its record."""
+def following_arm(job, name, phase_record):
+    """The constructor of a control that follows a phase arm's whole schedule: the LR-matched control
+    (its seed's phase arm), the base schedule times one constant at accumulation 1; the borrowed arm
+    (its donor seed's), that arm's phases at that arm's epochs. When the phase arm diverged, its
+    schedule is incomplete: the record of a control not run instead."""
     if phase_record["status"] == "ok":
-        return Arm(job, CONTROL, fixed_lr_mult=matched_lr_mult(phase_record, job.config))
-    record = new_record(None, None)
+        if name == CONTROL:
+            return lambda: Arm(job, CONTROL, fixed_lr_mult=matched_lr_mult(phase_record, job.config))
+        timing = BorrowedTiming(job.donor, phase_record["transition_epochs"], **controller_settings(job.config))
+        return lambda: Arm(job, BORROWED, timing)
+    whose = "phase_aware" if name == CONTROL else f"seed {job.donor}'s phase_aware"
+    record = new_record(name, borrowed_from=job.donor)
     record.update(
-        status="not_run", reason=f"phase_aware {phase_record['status']} in epoch {phase_record['diverged_epoch'] + 1}"
+        status="not_run", reason=f"{whose} {phase_record['status']} in epoch {phase_record['diverged_epoch'] + 1}"
     )
-    print(f"{job.who(CONTROL)}: not run ({record['reason']}; the matched constant needs its whole schedule)")
+    needs = "the matched constant needs" if name == CONTROL else "it follows"
+    print(f"{job.who(name)}: not run ({record['reason']}; {needs} its whole schedule)")
     job.progress.skip(job.config["epochs"])
     return with_accuracies(record, selected_by="eval_acc")
+
+
+class BorrowedTiming(PhaseController):
+    """The borrowed arm's controller: it enters each phase after the epoch at which another seed's
+    phase arm did (that arm's transition_epochs), whatever its own dL says. So the borrowed arm
+    trains on the phase arm's schedule, multipliers and accumulation alike, at another seed's
+    timing: if the moments a controller detects matter, a seed's own timing beats a borrowed one.
+
+    Args:
+        donor: the seed whose phase arm's timing it follows.
+        transition_epochs: that arm's {"S1": epoch, ...}, epochs counted from 0.
+        **settings: PhaseController's, as the run's phase arm has them.
+    """
+
+    def __init__(self, donor, transition_epochs, **settings):
+        super().__init__(**settings)
+        self.donor, self.borrowed_epochs = donor, dict(transition_epochs)
+
+    def next_phase(self, eval_loss):
+        following = PHASES[PHASES.index(self.phase) + 1 :][:1]
+        if following and self.borrowed_epochs.get(following[0][:2]) == self.epochs_seen - 1:
+            return following[0], f"as seed {self.donor}'s phase arm did"
+        return None
+
+    def load_state_dict(self, state_dict):
+        """Refuses the state of a controller that followed another timing, or strayed from this one."""
+        if isinstance(state_dict, dict):
+            seen = state_dict.get("epochs_seen")
+            entered = {key: epoch for key, epoch in self.borrowed_epochs.items() if type(seen) is int and epoch < seen}
+            found = [state_dict.get(key) for key in ("donor", "borrowed_epochs", "transition_epochs")]
+            if found != [self.donor, self.borrowed_epochs, entered]:
+                raise ValueError(
+                    f"it followed seed {found[0]}'s timing {found[1]}, entering {found[2]}; this arm follows seed "
+                    f"{self.donor}'s {self.borrowed_epochs}"
+                )
+        super().load_state_dict(state_dict)

@@ -312,3 +312,24 @@ def test_observe_refuses_non_finite_losses(train_loss, eval_loss):
 def test_dL_refuses_a_window_below_one(window):
     with pytest.raises(ValueError, match="dl_window"):
         dL_of([2.0, 1.0], window)
+
+
+class EveryOtherEpoch(PhaseController):
+    """Another rule, as a subclass writes one: the next phase after every second epoch."""
+
+    def next_phase(self, eval_loss):
+        if self.epochs_seen % 2 == 0 and self.phase != pc.S3_POLISH:
+            return pc.PHASES[pc.PHASES.index(self.phase) + 1], "an even epoch"
+        return None
+
+
+def test_a_subclass_changes_the_rules_and_keeps_the_rest():
+    ctl = EveryOtherEpoch(lr_pulse=1.3, grad_accum=4)
+    recommended = feed(ctl, [1.0] * 8)  # flat losses: the default rules would never leave S0
+    assert [r.lr_mult for r in recommended] == [1.0, 1.3, 1.3, 0.5, 0.5, 0.1, 0.1, 0.1]
+    assert [r.accumulation for r in recommended] == [1, 1, 1, 4, 4, 4, 4, 4]
+    assert ctl.transition_epochs == {"S1": 1, "S2": 3, "S3": 5}
+    assert ctl.transitions[0] == "after epoch 2: S0_EXPLORE -> S1_BOUNDARY (an even epoch)"
+    restored = EveryOtherEpoch(lr_pulse=1.3, grad_accum=4)
+    restored.load_state_dict(ctl.state_dict())
+    assert restored.state_dict() == ctl.state_dict() and restored.recommendation() == (0.1, 4)

@@ -39,22 +39,28 @@ def test_a_cell_holds_what_the_multi_seed_run_of_its_settings_writes(whole_study
 
 def test_the_table_says_what_the_cells_summaries_say(whole_study):
     table = (whole_study / "study.md").read_text()
-    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| base_lr=")]
-    assert [row[0].removeprefix("| ") for row in rows] == CELLS
+    lines = [line.strip("| ").split(" | ") for line in table.splitlines() if line.startswith("| ")]
+    head, rows = lines[0], lines[1:]
+    # The columns of the arms trained, and no other: these cells have no control.
+    assert head == ["cell", "seeds", "baseline final", "phase_aware final", "Δ vs baseline (95% CI), p, pairs",
+                    "S1 after epoch", "S2 after epoch"]  # fmt: skip
+    rows = [dict(zip(head, row, strict=True)) for row in rows]
+    assert [row["cell"] for row in rows] == CELLS
     for row, cell in zip(rows, CELLS, strict=True):
         summary = read_json(whole_study / cell / "multi_seed_summary.json")
-        assert row[1] == "3"
-        for column, arm in ((2, "baseline"), (3, "phase_aware")):
-            assert float(row[column]) == pytest.approx(summary["arms"][arm]["final_acc"]["mean"], abs=0.005)
+        assert row["seeds"] == "3"
+        for arm in ("baseline", "phase_aware"):
+            assert float(row[f"{arm} final"]) == pytest.approx(summary["arms"][arm]["final_acc"]["mean"], abs=0.005)
         compared = summary["comparisons"]["phase_aware_vs_baseline"]["final_acc"]
-        delta, low, high, p = (float(x) for x in re.findall(r"[-+]?\d+\.\d+", row[5])[:4])
+        numbers = re.findall(r"[-+]?\d+\.\d+", row["Δ vs baseline (95% CI), p, pairs"])
+        delta, low, high, p = (float(x) for x in numbers[:4])
         assert delta == pytest.approx(compared["mean"], abs=0.005)
         assert (low, high) == pytest.approx(tuple(compared["ci95"]), abs=0.005)
         assert p == pytest.approx(compared["p_value"], abs=0.0005)
-        for column, phase in ((7, "S1"), (8, "S2")):
+        for phase in ("S1", "S2"):
             found = [summary["transitions"][str(seed)] for seed in (1, 2, 3)]
             expected = [str(t[phase] + 1) if phase in t else "never" for t in found]  # 1-based, seed by seed
-            assert row[column].removesuffix(" |") == " ".join(expected)
+            assert row[f"{phase} after epoch"] == " ".join(expected)
     assert read_json(whole_study / "study.json")["cells"][0]["cell"] == "base_lr=0.01"
     assert (whole_study / "study.png").stat().st_size > 0
 
