@@ -38,6 +38,7 @@ from .records import (
     epoch_log_path,
     held_out_loss,
     load_checkpoint,
+    transition_key,
 )
 from .settings import controller_of, controller_settings
 from .steps import evaluate, train_epoch
@@ -494,9 +495,10 @@ class BorrowedTiming(PhaseController):
         self.donor, self.borrowed_epochs = donor, dict(transition_epochs)
 
     def next_phase(self, eval_loss):
-        following = PHASES[PHASES.index(self.phase) + 1 :][:1]
-        if following and self.borrowed_epochs.get(following[0][:2]) == self.epochs_seen - 1:
-            return following[0], f"as seed {self.donor}'s phase arm did"
+        if self.phase != PHASES[-1]:
+            following = PHASES[PHASES.index(self.phase) + 1]
+            if self.borrowed_epochs.get(transition_key(following)) == self.epochs_seen - 1:
+                return following, f"as seed {self.donor}'s phase arm did"
         return None
 
     def load_state_dict(self, state_dict):
