@@ -10,7 +10,8 @@ import torch
 
 from .evidence import write_summary
 from .files import UserError, one_line, os_error
-from .launch import NothingToResume, StoppedOnRank0, earlier_work, run_training
+from .launch import NothingToResume, earlier_work, run_training
+from .ranks import StoppedOnRank0
 from .replay import replay
 from .settings import Settings
 

@@ -1,15 +1,12 @@
-"""Launching: the device, its precision and backends, torchrun ranks, seed locks and resume
-planning; then each seed trained (training.py) and its results file written."""
+"""Launching: a process's runs on its device (devices.py) among its ranks (ranks.py), the seeds'
+locks and resume planning; then each seed trained (training.py) and its results file written."""
 
 import functools
-import os
 import subprocess
 import sys
 import threading
-import time
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
-from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple
 
@@ -19,6 +16,7 @@ import torch.distributed as dist
 
 from . import __version__, steps, training
 from .data import Dataset, cifar10_dataset, data_label, fingerprint, prepare_cifar10, split_indices, synthetic_dataset
+from .devices import autocast_for, check_model_fits, choose_precision, pick_device, set_up_backends
 from .evidence import print_seed_result, seed_results, write_summary
 from .figures import plot_seed
 from .files import (
@@ -28,13 +26,13 @@ from .files import (
     check_output_dir,
     lock_file,
     make_folder,
-    one_line,
     os_error,
     write_json,
 )
 from .loader import DeviceSplit
 from .model import MOMENTUM, WEIGHT_DECAY, memory_format_for, parameter_count
 from .progress import Progress
+from .ranks import distributed_env, join_ranks, on_every_rank
 from .records import (
     ARMS,
     BORROWED,
@@ -137,179 +135,6 @@ def start(settings):
     if world > 1:
         join_ranks(rank, world)
     return Launch(settings, device, precision, output_dir, rank, world)
-
-
-# ----- devices and precision -----
-
-
-TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
-RENDEZVOUS_SECONDS = 300  # torch's own default waits 30 minutes, without a word and deaf to Ctrl-C
-
-
-def distributed_env():
-    """(rank, world_size, local_rank, local_world_size) under torchrun; (0, 1, 0, 1) without its
-    variables. UserError for values that cannot describe a launch (a stray RANK or WORLD_SIZE)."""
-    given = {name: os.environ[name] for name in TORCHRUN_VARIABLES if name in os.environ}
-    shown = " ".join(f"{name}={value}" for name, value in given.items())
-    try:
-        values = {name: int(value) for name, value in given.items()}
-    except ValueError:
-        raise UserError(f"{shown}: torchrun sets these to whole numbers; unset them to run alone") from None
-    rank, world, local_rank = values.get("RANK", 0), values.get("WORLD_SIZE", 1), values.get("LOCAL_RANK", 0)
-    local_world = values.get("LOCAL_WORLD_SIZE", local_rank + 1)
-    port = os.environ.get("MASTER_PORT", "")
-    rules = [
-        (world >= 1 and 0 <= rank < world, "RANK must lie in 0..WORLD_SIZE-1"),
-        (0 <= local_rank < local_world <= world, "LOCAL_RANK must lie below LOCAL_WORLD_SIZE, within WORLD_SIZE"),
-        (world == 1 or os.environ.get("MASTER_ADDR") and port.isdigit() and 0 < int(port) < 65536,
-         "several ranks need MASTER_ADDR and a MASTER_PORT in 1..65535 to meet at"),
-    ]  # fmt: skip
-    for ok, rule in rules:
-        if not ok:
-            raise UserError(f"{shown}: {rule}; torchrun sets these for each rank it starts: unset them to run alone")
-    return rank, world, local_rank, local_world
-
-
-def join_ranks(rank, world):
-    """Meet the other ranks at MASTER_ADDR:MASTER_PORT (torchrun's store when its agent hosts one),
-    or give up after RENDEZVOUS_SECONDS in one line; waiting is a Python loop, so Ctrl-C works.
-    Then the process group: only collectives of small Python objects are needed, and gloo serves
-    them on any device."""
-    address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    key, waited = f"phase_cifar10/joined/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", time.monotonic()
-    try:
-        store = dist.TCPStore(address, port, world, is_master=rank == 0 and not agent_store,
-                              timeout=timedelta(seconds=RENDEZVOUS_SECONDS), wait_for_workers=False)  # fmt: skip
-        store.add(key, 1)
-        while store.add(key, 0) < world:
-            if time.monotonic() - waited > RENDEZVOUS_SECONDS:
-                raise TimeoutError(f"{store.add(key, 0)} of {world} ranks came")
-            time.sleep(0.2)
-    except (RuntimeError, OSError) as e:
-        raise UserError(
-            f"the {world} ranks did not meet at {address}:{port} within {RENDEZVOUS_SECONDS} s ({one_line(e)}): start "
-            f"them all (torchrun --nproc_per_node {world}), or unset {' '.join(TORCHRUN_VARIABLES)} to run alone"
-        ) from None
-    store.set_timeout(timedelta(days=7))  # seeds may run for days before the ranks meet again
-    dist.init_process_group("gloo", store=dist.PrefixStore("default_pg", store), rank=rank, world_size=world,
-                            timeout=timedelta(days=7))  # fmt: skip
-
-
-def pick_device(name, local_rank=0, local_world=1):
-    """The device of this process; under torchrun, cuda:LOCAL_RANK.
-
-    Every rank checks the node's process count against its GPUs before any collective, so a bad
-    launch stops all ranks with the same line instead of leaving rank 0 waiting for the others.
-    """
-    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
-    if name == "auto":
-        name = "cuda" if cuda else "mps" if mps else "cpu"
-    if name == "cuda":
-        if not cuda:
-            raise UserError(f"--device cuda asked for, but torch {torch.__version__} sees no CUDA device")
-        count, processes = torch.cuda.device_count(), max(local_world, local_rank + 1)
-        if processes > count:
-            raise UserError(
-                f"{processes} processes on this node need one CUDA device each, but {count}"
-                f" are visible: start at most {count} per node (torchrun --nproc_per_node {count})"
-            )
-        torch.cuda.set_device(local_rank)  # NCCL and the default CUDA stream follow the current device
-        return torch.device("cuda", local_rank)
-    if name == "mps" and not mps:
-        raise UserError("--device mps asked for, but this torch sees no MPS device")
-    return torch.device(name)
-
-
-def native_bf16(device):
-    """Whether the hardware computes bf16 natively; emulated bf16 is slower than fp32."""
-    if device.type == "cuda":
-        try:
-            return torch.cuda.is_bf16_supported(including_emulation=False)
-        except TypeError:  # a torch without the argument: it reports native support only
-            return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-        return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
-    return False
-
-
-def choose_precision(bf16, device):
-    """What --bf16 auto|on|off means on this device: bf16 autocast, or fp32."""
-    if bf16 == "on" and device.type == "mps":
-        raise UserError("--bf16 on is not supported on MPS here")
-    return "bf16-autocast" if bf16 == "on" or (bf16 == "auto" and native_bf16(device)) else "fp32"
-
-
-def autocast_for(device, precision):
-    if precision == "bf16-autocast":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def set_up_backends():
-    """Deterministic kernels, and fp32 that is IEEE fp32 on every device.
-
-    cuDNN convolutions use TF32 by default, so without this `--bf16 off` on a GPU would train in
-    TF32 while recording fp32. The allow_tf32 flags exist in every torch from 2.4 on; torch 2.9's
-    fp32_precision API is not touched, since mixing the two makes reading allow_tf32 raise.
-    """
-    # cuBLAS is deterministic only with this workspace setting, set before CUDA starts (lazily, at
-    # the first CUDA tensor). Set by the command line, not on import: a library leaves its user's
-    # environment alone.
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-
-
-def check_model_fits(width, device):
-    """Refuse a --width whose weights, gradients and momentum alone (4 bytes each) exceed the device's memory."""
-    parameters, memory = parameter_count(width), device_memory(device)
-    if memory is not None and 12 * parameters > memory:
-        raise UserError(
-            f"--width {width}: the model's {parameters:,} parameters need {12 * parameters // 2**30:,} GiB for "
-            f"weights, gradients and momentum alone, more than the {memory // 2**30:,} GiB of {device}"
-        )
-
-
-def device_memory(device):
-    """Bytes of memory of the device, where torch or the OS tell."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if device.type == "cpu" else None
-    except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or not these names
-        return None
-
-
-# ----- torchrun: every rank stops on any rank's bad input -----
-
-
-class StoppedOnRank0(UserError):
-    """A bad input on some rank, which rank 0 reports for all; the other ranks stop without a word."""
-
-
-def on_every_rank(launch, check):
-    """check() on this rank; under torchrun every rank then learns whether any rank failed it, so
-    that a bad input found on one rank stops them all, in one line, before any training."""
-    try:
-        result, error = check(), None
-    except UserError as e:
-        result, error = None, str(e)
-    errors = [error]
-    if launch.world > 1:
-        errors = [None] * launch.world
-        dist.all_gather_object(errors, error)
-    failed = [(where, message) for where, message in enumerate(errors) if message is not None]
-    if failed:
-        where, message = failed[0]
-        if launch.rank != 0:
-            raise StoppedOnRank0(message)
-        raise UserError(message if launch.world == 1 else f"{message} (found on rank {where}; every rank stopped)")
-    return result
 
 
 # ----- planning: what each seed trains on, and what --resume continues -----

@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import ROOT, TINY, cli, read_json, run_main, write_cifar_folder
 
-from phase_cifar10 import command_line, data, launch, settings
+from phase_cifar10 import command_line, data, devices, launch, settings
 
 BAD_ARGUMENTS = [
     (["--epochs", "0"], "--epochs must be an integer in 1..1,000,000, got 0"),
@@ -126,14 +126,14 @@ def test_a_cuda_rank_makes_its_gpu_the_current_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", current.append)
-    assert launch.pick_device("cuda", local_rank=1, local_world=2) == torch.device("cuda", 1) and current == [1]
+    assert devices.pick_device("cuda", local_rank=1, local_world=2) == torch.device("cuda", 1) and current == [1]
 
 
 SET_UP_BACKENDS = """
 import os, torch
-from phase_cifar10 import launch
+from phase_cifar10 import devices
 torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
-launch.set_up_backends()
+devices.set_up_backends()
 cudnn = torch.backends.cudnn
 print(cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, cudnn.deterministic, cudnn.benchmark,
       torch.are_deterministic_algorithms_enabled(), os.environ["CUBLAS_WORKSPACE_CONFIG"])
@@ -277,7 +277,17 @@ def test_the_training_module_knows_no_devices_ranks_or_locks():
         if isinstance(node, ast.Import | ast.ImportFrom)
         for name in [getattr(node, "module", None) or "", *(alias.name for alias in node.names)]
     }
-    assert not imported & {"torch.distributed", "launch", "lock_file", "pick_device", "choose_precision", "os"}
+    forbidden = {
+        "torch.distributed",
+        "launch",
+        "devices",
+        "ranks",
+        "lock_file",
+        "pick_device",
+        "choose_precision",
+        "os",
+    }
+    assert not imported & forbidden
 
 
 def test_the_installed_command_names_itself_in_errors_and_in_its_advice(tmp_path, capsys):

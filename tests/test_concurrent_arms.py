@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import TINY, files_left, one_line_error, results_files, run_main
 
-from phase_cifar10 import data, files, launch, training
+from phase_cifar10 import data, devices, files, launch, training
 from phase_cifar10.settings import Settings
 
 # Two seeds, three arms each, every phase visited: six arms, of which the controls wait for their phase arm.
@@ -102,7 +102,7 @@ def test_a_stop_while_arms_train_at_once_loses_nothing_and_resume_equals_an_unin
 
 def test_the_data_goes_onto_the_device_once_for_every_seed_that_trains_on_it(tmp_path):
     settings = Settings.from_command_line([*RUN, "--output-dir", str(tmp_path)])
-    launch_ = launch.Launch(settings, launch.pick_device("cpu"), "fp32", tmp_path)
+    launch_ = launch.Launch(settings, devices.pick_device("cpu"), "fp32", tmp_path)
     dataset = data.synthetic_dataset(0)  # two seeds on the same images, as on CIFAR-10
     plans = {seed: launch.plan_seed(launch_, seed)._replace(data=dataset) for seed in (1, 2)}
     jobs = launch.seed_jobs(launch_, plans, progress=None)

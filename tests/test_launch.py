@@ -24,7 +24,7 @@ from helpers import (
     write_cifar_folder,
 )
 
-from phase_cifar10 import files, launch, training
+from phase_cifar10 import files, launch, ranks, training
 
 # ----- the environment -----
 
@@ -59,7 +59,7 @@ def free_port():
 
 def test_a_rank_whose_peers_never_come_gives_up_in_one_line(tmp_path, monkeypatch):
     # Once it waited 7 days, deaf to Ctrl-C. Here the limit is cut to a second to keep the test short.
-    monkeypatch.setattr(launch, "RENDEZVOUS_SECONDS", 1)
+    monkeypatch.setattr(ranks, "RENDEZVOUS_SECONDS", 1)
     for name, value in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port()}.items():
         monkeypatch.setenv(name, str(value))
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)

@@ -14,7 +14,7 @@ from helpers import ROOT, TINY, read_json, run_main
 
 import phase_cifar10
 import phase_controller
-from phase_cifar10 import data, figures, launch, loader, model, training
+from phase_cifar10 import data, devices, figures, loader, model, training
 
 # ----- gradient accumulation -----
 
@@ -228,15 +228,15 @@ def test_a_model_copy_is_independent_of_the_other_arm():
 def test_bf16_autocast_only_where_cpus_compute_it_natively(monkeypatch, amx, avx512_bf16, expected):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
-    assert launch.native_bf16(torch.device("cpu")) is expected
-    assert launch.native_bf16(torch.device("mps")) is False
+    assert devices.native_bf16(torch.device("cpu")) is expected
+    assert devices.native_bf16(torch.device("mps")) is False
 
 
 def test_bf16_autocast_computes_in_bf16():
     net = model.build_model(4, 0, torch.device("cpu"))
-    with launch.autocast_for(torch.device("cpu"), "bf16-autocast"):
+    with devices.autocast_for(torch.device("cpu"), "bf16-autocast"):
         assert net(torch.randn(2, 3, 32, 32)).dtype == torch.bfloat16
-    with launch.autocast_for(torch.device("cpu"), "fp32"):
+    with devices.autocast_for(torch.device("cpu"), "fp32"):
         assert net(torch.randn(2, 3, 32, 32)).dtype == torch.float32
 
 
@@ -250,7 +250,7 @@ def test_bf16_autocast_computes_in_bf16():
     ],
 )
 def test_bf16_flag_decides_what_training_computes_in(tmp_path, monkeypatch, flag, native, precision, dtype):
-    monkeypatch.setattr(launch, "native_bf16", lambda device: native)
+    monkeypatch.setattr(devices, "native_bf16", lambda device: native)
     seen, cross_entropy = set(), F.cross_entropy
     monkeypatch.setattr(
         torch.nn.functional,
