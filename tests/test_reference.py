@@ -6,7 +6,7 @@ import re
 import pytest
 from helpers import ROOT, read_json
 
-from phase_cifar10 import evidence
+from phase_cifar10 import evidence, study
 
 REFERENCE = ROOT / "results" / "reference-cpu"
 DEFAULT = ROOT / "results" / "default-cpu"  # the default reproduction, seed by seed
@@ -24,8 +24,10 @@ def test_the_reference_holds_seeds():
     assert SEEDS, f"no results_seed_N.json in {REFERENCE}"
 
 
-# Every published folder with a summary: the CPU reference, and the default runs once they land.
-PUBLISHED = sorted(p.parent for p in (ROOT / "results").glob("*/multi_seed_summary.json"))
+# Every published folder with a summary: the CPU reference, the default runs once they land, and
+# each cell of a published study (a folder of its own inside the study's).
+PUBLISHED = sorted(p.parent for p in (ROOT / "results").glob("**/multi_seed_summary.json"))
+STUDIES = sorted(p.parent for p in (ROOT / "results").glob("*/study.json"))
 
 
 def test_the_cpu_reference_is_among_the_published_folders():
@@ -37,6 +39,17 @@ def test_committed_summary_is_what_summarize_builds_from_the_committed_seeds(fol
     built = evidence.build_summary(evidence.load_seed_results(folder))
     assert json.loads(json.dumps(built)) == read_json(folder / "multi_seed_summary.json")
     assert built["seeds"] == seeds_in(folder)
+
+
+@pytest.mark.parametrize("folder", STUDIES, ids=lambda p: p.name)
+def test_a_published_studys_table_is_what_its_cells_summaries_say(folder):
+    cells = read_json(folder / "study.json")["cells"]
+    rows = [
+        study.study_row(cell["cell"], read_json(folder / cell["cell"] / "multi_seed_summary.json")) for cell in cells
+    ]
+    assert json.loads(json.dumps(rows)) == cells
+    assert (folder / "study.md").read_text() == study.study_table(rows)
+    assert {cell["cell"] for cell in cells} == {p.name for p in folder.iterdir() if p.is_dir()}
 
 
 def table_rows(path, heading):
@@ -98,3 +111,10 @@ def test_default_table_matches_the_seed_file(seed):
     assert cells[:5] == accuracy_cells(results)
     transitions = results["phase_aware"]["transition_epochs"]
     assert cells[5:7] == [f"after epoch {transitions[s] + 1}" if s in transitions else "never" for s in ("S1", "S2")]
+
+
+def test_readme_timing_table_is_the_published_studys():
+    section = (ROOT / "README.md").read_text().split("## Result: a control for the timing", 1)[1].split("\n## ", 1)[0]
+    table = [line for line in section.splitlines() if line.startswith("|")]
+    study_md = (ROOT / "results" / "timing-cpu" / "study.md").read_text()
+    assert table and table == [line for line in study_md.splitlines() if line.startswith("|")]
