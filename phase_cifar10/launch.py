@@ -241,7 +241,8 @@ def check_resumable(launch, seed, config):
             except BadRecord as e:
                 raise UserError(f"--resume: cannot use {path} ({e}); {RESTART}") from None
             saved.append((path, state["config"]))
-            followed = state["arm"]["borrowed_from"] if name == BORROWED else followed
+            if name == BORROWED:
+                followed = state["arm"]["borrowed_from"]
     for path, saved_config in saved:
         if differing := differences(identity(saved_config), now):
             raise UserError(

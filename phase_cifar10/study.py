@@ -79,7 +79,8 @@ def write_study(folder, cells):
     write_json(folder / "study.json", {"cells": rows})
     table = study_table(rows)
     write_atomically(folder / "study.md", table.encode())
-    plot_study(rows, folder / "study.png", f"{folder.name}: final test accuracy by cell")
+    varied = [part.partition("=")[0] for part in next(iter(cells)).split(",")]
+    plot_study(rows, folder / "study.png", f"final test accuracy by {', '.join(varied)}")
     return table
 
 
