@@ -13,7 +13,7 @@ from .model import parameter_count
 def pick_device(name, local_rank=0, local_world=1):
     """The device of this process; under torchrun, cuda:LOCAL_RANK.
 
-    Every rank checks the node's process count against its GPUs before any collective, so a bad
+    Every rank checks the node's process count against its GPUs before the ranks meet, so a bad
     launch stops all ranks with the same line instead of leaving rank 0 waiting for the others.
     """
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()

@@ -12,7 +12,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from . import __version__, steps, training
 from .data import Dataset, cifar10_dataset, data_label, fingerprint, prepare_cifar10, split_indices, synthetic_dataset
@@ -32,7 +31,7 @@ from .files import (
 from .loader import DeviceSplit
 from .model import MOMENTUM, WEIGHT_DECAY, memory_format_for, parameter_count
 from .progress import Progress
-from .ranks import distributed_env, join_ranks, on_every_rank
+from .ranks import Meeting, distributed_env, exchange, join_ranks, on_every_rank
 from .records import (
     ARMS,
     BORROWED,
@@ -52,7 +51,7 @@ from .settings import Settings, differences, identity
 @dataclass(frozen=True)
 class Launch:
     """What this process trains and where: the settings, the device and the precision it computes
-    in, the output folder, and under torchrun its rank of world."""
+    in, the output folder, and under torchrun its rank of world and where the ranks met."""
 
     settings: Settings
     device: torch.device
@@ -60,6 +59,7 @@ class Launch:
     output_dir: Path
     rank: int = 0
     world: int = 1
+    meeting: Meeting | None = None
 
 
 def run_training(*runs):
@@ -69,36 +69,29 @@ def run_training(*runs):
     with nothing_to_resume_yet(runs[0].output_dir):
         first = start(runs[0])
         launches = [first] + [more_on_this_device(first, settings) for settings in runs[1:]]
-    try:
-        with nothing_to_resume_yet(first.output_dir):
-            for data_dir in dict.fromkeys(s.data_dir for s in runs if s.dataset == "cifar10"):
-                # rank 0 unpacks (or downloads) the data, the others then read it
-                on_every_rank(first, lambda data_dir=data_dir: first.rank == 0 and prepare_cifar10(data_dir))
-            # Fail fast: data, splits and resumability of every seed are checked before anything is written.
-            checked = [on_every_rank(launch, lambda launch=launch: check_seeds(launch, my_seeds(launch)))
-                       for launch in launches]  # fmt: skip
-            planned = [(launch, plans, finished) for launch, (plans, finished) in zip(launches, checked, strict=True)]
-            for launch in launches:
-                make_folder(launch.output_dir, "--output-dir")
-        with ExitStack() as locks:
-            for launch in launches:
-                for seed in my_seeds(launch):
-                    locks.enter_context(seed_lock(launch.output_dir, seed))
-            diverged = train_seeds(planned)
-        if first.world > 1:  # every rank learns every rank's divergences, so all agree on the exit code
-            gathered = [None] * first.world
-            dist.all_gather_object(gathered, diverged)
-            diverged = [line for lines in gathered for line in lines]
+    with nothing_to_resume_yet(first.output_dir):
+        for data_dir in dict.fromkeys(s.data_dir for s in runs if s.dataset == "cifar10"):
+            # rank 0 unpacks (or downloads) the data, the others then read it
+            on_every_rank(first, lambda data_dir=data_dir: first.rank == 0 and prepare_cifar10(data_dir))
+        # Fail fast: data, splits and resumability of every seed are checked before anything is written.
+        checked = [on_every_rank(launch, lambda launch=launch: check_seeds(launch, my_seeds(launch)))
+                   for launch in launches]  # fmt: skip
+        planned = [(launch, plans, finished) for launch, (plans, finished) in zip(launches, checked, strict=True)]
         for launch in launches:
-            if launch.settings.multi_seed and launch.rank == 0:
-                write_summary(launch.output_dir, launch.settings.seeds_to_run())
-        if first.world > 1:
-            # No rank exits before rank 0 has written the summary: torchrun stops every worker as soon
-            # as one exits with an error.
-            dist.barrier()
-    finally:
-        if first.world > 1:
-            dist.destroy_process_group()
+            make_folder(launch.output_dir, "--output-dir")
+    with ExitStack() as locks:
+        for launch in launches:
+            for seed in my_seeds(launch):
+                locks.enter_context(seed_lock(launch.output_dir, seed))
+        diverged = train_seeds(planned)
+    # Every rank learns every rank's divergences, so all agree on the exit code.
+    diverged = [line for lines in exchange(first, diverged) for line in lines]
+    for launch in launches:
+        if launch.settings.multi_seed and launch.rank == 0:
+            write_summary(launch.output_dir, launch.settings.seeds_to_run())
+    # No rank exits before rank 0 has written the summary: torchrun stops every worker as soon as
+    # one exits with an error.
+    exchange(first, None)
     if diverged:
         print(
             f"error: {len(diverged)} arm(s) diverged ({'; '.join(diverged)}); "
@@ -132,9 +125,8 @@ def start(settings):
     if world > 1 and BORROWED in arms_of(settings.values()):
         raise UserError(f"--control {settings.control}: a seed's borrowed arm waits for another seed's phase arm, "
                         "so its seeds train in one process: start it without torchrun")  # fmt: skip
-    if world > 1:
-        join_ranks(rank, world)
-    return Launch(settings, device, precision, output_dir, rank, world)
+    meeting = join_ranks(rank, world) if world > 1 else None
+    return Launch(settings, device, precision, output_dir, rank, world, meeting)
 
 
 # ----- planning: what each seed trains on, and what --resume continues -----

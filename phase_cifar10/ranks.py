@@ -1,10 +1,12 @@
 """torchrun: a rank's environment, the meeting of the ranks, and every rank stopping on any rank's
-bad input. Each process trains whole seeds (every world-th), so ranks exchange only small Python
-objects: which inputs failed, and which arms diverged."""
+bad input. Each process trains whole seeds (every world-th), so the ranks exchange only small
+values, in the store where they met: which inputs failed, and which arms diverged."""
 
+import json
 import os
 import time
 from datetime import timedelta
+from typing import NamedTuple
 
 import torch.distributed as dist
 
@@ -38,30 +40,63 @@ def distributed_env():
     return rank, world, local_rank, local_world
 
 
+class Meeting(NamedTuple):
+    """Where the ranks met: the store, this attempt's prefix for keys in it (torchrun restarts reuse
+    its agent's store), and whether this process hosts it (rank 0 when torchrun's agent does not)."""
+
+    store: "dist.Store"  # named, not looked up: some torch builds have no distributed support
+    prefix: str
+    hosted: bool
+
+
 def join_ranks(rank, world):
     """Meet the other ranks at MASTER_ADDR:MASTER_PORT (torchrun's store when its agent hosts one),
     or give up after RENDEZVOUS_SECONDS in one line; waiting is a Python loop, so Ctrl-C works.
-    Then the process group: only collectives of small Python objects are needed, and gloo serves
-    them on any device."""
+    Each process trains whole seeds, so the ranks need no process group: they exchange their few
+    small values in this store (exchange())."""
     address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    key, waited = f"phase_cifar10/joined/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", time.monotonic()
+    hosted = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    prefix = f"phase_cifar10/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    deadline = time.monotonic() + RENDEZVOUS_SECONDS
     try:
-        store = dist.TCPStore(address, port, world, is_master=rank == 0 and not agent_store,
-                              timeout=timedelta(seconds=RENDEZVOUS_SECONDS), wait_for_workers=False)  # fmt: skip
-        store.add(key, 1)
-        while store.add(key, 0) < world:
-            if time.monotonic() - waited > RENDEZVOUS_SECONDS:
-                raise TimeoutError(f"{store.add(key, 0)} of {world} ranks came")
-            time.sleep(0.2)
+        store = dist.TCPStore(address, port, world, is_master=hosted, timeout=timedelta(seconds=RENDEZVOUS_SECONDS),
+                              wait_for_workers=False)  # fmt: skip
+        store.add(f"{prefix}/joined", 1)
+        wait_until(lambda: store.add(f"{prefix}/joined", 0) == world, deadline,
+                   lambda: f"{store.add(f'{prefix}/joined', 0)} of {world} ranks came")  # fmt: skip
     except (RuntimeError, OSError) as e:
         raise UserError(
             f"the {world} ranks did not meet at {address}:{port} within {RENDEZVOUS_SECONDS} s ({one_line(e)}): start "
             f"them all (torchrun --nproc_per_node {world}), or unset {' '.join(TORCHRUN_VARIABLES)} to run alone"
         ) from None
-    store.set_timeout(timedelta(days=7))  # seeds may run for days before the ranks meet again
-    dist.init_process_group("gloo", store=dist.PrefixStore("default_pg", store), rank=rank, world_size=world,
-                            timeout=timedelta(days=7))  # fmt: skip
+    return Meeting(store, prefix, hosted)
+
+
+def wait_until(done, deadline=None, what=None):
+    """Poll done() until it holds, in a Python loop (Ctrl-C works); TimeoutError(what()) once the
+    monotonic clock passes deadline."""
+    while not done():
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(what())
+        time.sleep(0.05)
+
+
+def exchange(launch, value):
+    """Every rank's value (anything JSON writes), in rank order; [value] without torchrun. Each rank
+    calls it equally often, which numbers the exchanges. A hosting rank 0 returns only when every
+    rank has read every value: its process takes the store with it when it ends."""
+    if launch.world == 1:
+        return [value]
+    store, prefix = launch.meeting.store, launch.meeting.prefix
+    slot = f"{prefix}/exchange/{store.add(f'{prefix}/exchanges/{launch.rank}', 1)}"
+    store.set(f"{slot}/{launch.rank}", json.dumps(value))
+    keys = [f"{slot}/{rank}" for rank in range(launch.world)]
+    wait_until(lambda: store.check(keys))
+    values = [json.loads(store.get(key)) for key in keys]
+    store.add(f"{slot}/read", 1)
+    if launch.meeting.hosted:
+        wait_until(lambda: store.add(f"{slot}/read", 0) == launch.world)
+    return values
 
 
 class StoppedOnRank0(UserError):
@@ -75,11 +110,7 @@ def on_every_rank(launch, check):
         result, error = check(), None
     except UserError as e:
         result, error = None, str(e)
-    errors = [error]
-    if launch.world > 1:
-        errors = [None] * launch.world
-        dist.all_gather_object(errors, error)
-    failed = [(where, message) for where, message in enumerate(errors) if message is not None]
+    failed = [(where, message) for where, message in enumerate(exchange(launch, error)) if message is not None]
     if failed:
         where, message = failed[0]
         if launch.rank != 0:

@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import re
+import socket
 import struct
 import subprocess
 import sys
@@ -29,6 +30,13 @@ RUN = [*TINY, "--epochs", "3"]
 # Thresholds that walk the phase arm through every phase within six tiny epochs: S1 at epoch 2,
 # S2 (accumulation 2) at epoch 3, S3 once the eval loss stops improving.
 ALL_PHASES = ["--epochs", "6", "--s2-threshold", "1.0", "--s3-patience", "1"]
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now: where hand-started ranks can meet."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # ----- the official pickle layout -----

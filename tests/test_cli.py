@@ -102,14 +102,12 @@ def test_cuda_asked_for_but_absent(tmp_path):
 
 
 @pytest.mark.parametrize("rank", [0, 1])
-def test_more_ranks_than_gpus_stops_every_rank_before_any_collective(tmp_path, monkeypatch, rank):
-    # torchrun --nproc_per_node 2 on a one-GPU node: rank 0 must not wait in init_process_group
-    # for a rank 1 that has already given up.
+def test_more_ranks_than_gpus_stops_every_rank_before_the_ranks_meet(tmp_path, monkeypatch, rank):
+    # torchrun --nproc_per_node 2 on a one-GPU node: rank 0 must not wait at the ranks' meeting for
+    # a rank 1 that has already given up.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(
-        torch.distributed, "init_process_group", lambda *a, **k: pytest.fail("a collective was started")
-    )
+    monkeypatch.setattr(torch.distributed, "TCPStore", lambda *a, **k: pytest.fail("the ranks' meeting was started"))
     env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": 2, "LOCAL_WORLD_SIZE": 2, "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": 29999}  # fmt: skip
     for key, value in env.items():

@@ -3,6 +3,7 @@ sharded seeds (summarize and torchrun) and replay."""
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, TINY, read_json, run_main, without_timings
+from helpers import ROOT, TINY, free_port, read_json, run_main, without_timings
 
 import phase_controller as pc
 from phase_cifar10 import evidence, settings, training
@@ -269,6 +270,22 @@ def test_two_process_torchrun_equals_the_multi_seed_run(multi_seed_run, tmp_path
     for seed in (3, 7):
         mine, theirs = (read_json(d / f"results_seed_{seed}.json") for d in (tmp_path, out))
         assert without_timings(mine) == without_timings(theirs)
+
+
+def test_ranks_started_by_hand_equal_the_multi_seed_run(multi_seed_run, tmp_path):
+    # Without torchrun's agent, rank 0's process hosts the store the ranks meet in, so it must not
+    # end before rank 1 has read everything from it.
+    out, _ = multi_seed_run
+    env = {name: value for name, value in os.environ.items() if not name.startswith("TORCHELASTIC")}
+    env |= {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+            "OMP_NUM_THREADS": "1"}  # fmt: skip
+    command = [sys.executable, str(ROOT / "phase_controller.py"), *SHARD_RUN, "--multi-seed", "--seeds", "7,3"]
+    ranks = [subprocess.Popen([*command, "--output-dir", str(tmp_path)], env=env | {"RANK": r, "LOCAL_RANK": r},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in "01"]  # fmt: skip
+    for rank in ranks:
+        stdout, stderr = rank.communicate()
+        assert rank.returncode == 0 and stderr == "", stderr[-2000:]
+    assert read_json(tmp_path / "multi_seed_summary.json") == read_json(out / "multi_seed_summary.json")
 
 
 def test_torchrun_keeps_every_rank_until_the_summary_is_written(tmp_path):

@@ -5,10 +5,12 @@ line or survived, never a silent wrong result and never lost work."""
 import errno
 import os
 import signal
-import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from helpers import (
     RUN,
     TINY,
     files_left,
+    free_port,
     interrupt_after,
     one_line_error,
     read_json,
@@ -51,12 +54,6 @@ def test_torchrun_variables_that_describe_no_launch_are_refused_at_once(tmp_path
     assert stdout == "" and not (tmp_path / "out").exists()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_rank_whose_peers_never_come_gives_up_in_one_line(tmp_path, monkeypatch):
     # Once it waited 7 days, deaf to Ctrl-C. Here the limit is cut to a second to keep the test short.
     monkeypatch.setattr(ranks, "RENDEZVOUS_SECONDS", 1)
@@ -67,6 +64,33 @@ def test_a_rank_whose_peers_never_come_gives_up_in_one_line(tmp_path, monkeypatc
     code, _, stderr = run_main([*RUN, "--output-dir", tmp_path / "out"])
     one_line_error(code, stderr, "the 2 ranks did not meet at 127.0.0.1:", "within 1 s", "1 of 2 ranks came")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_rank_0_that_hosts_the_store_leaves_an_exchange_only_after_every_rank_has_read_it():
+    # Its process takes the store with it when it ends, so returning early would strand rank 1.
+    port = free_port()
+    stores = [torch.distributed.TCPStore("127.0.0.1", port, 2, is_master=True, wait_for_workers=False),
+              torch.distributed.TCPStore("127.0.0.1", port, 2, is_master=False)]  # fmt: skip
+    read = []
+
+    class SlowReader:  # rank 1's store, which reads slowly
+        def __getattr__(self, name):
+            return getattr(stores[1], name)
+
+        def get(self, key):
+            time.sleep(0.2)
+            read.append(time.monotonic())
+            return stores[1].get(key)
+
+    rank_1 = SimpleNamespace(rank=1, world=2, meeting=ranks.Meeting(SlowReader(), "test", hosted=False))
+    rank_0 = SimpleNamespace(rank=0, world=2, meeting=ranks.Meeting(stores[0], "test", hosted=True))
+    seen = {}
+    thread = threading.Thread(target=lambda: seen.update({1: ranks.exchange(rank_1, {"b": [1]})}))
+    thread.start()
+    seen[0] = ranks.exchange(rank_0, "a")
+    returned = time.monotonic()
+    thread.join()
+    assert seen == {0: ["a", {"b": [1]}], 1: ["a", {"b": [1]}]} and len(read) == 2 and returned > read[-1]
 
 
 # ----- a reader that goes away, odd names and backends -----
