@@ -57,13 +57,13 @@ def join_ranks(rank, world):
     address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     hosted = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
     prefix = f"phase_cifar10/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-    deadline = time.monotonic() + RENDEZVOUS_SECONDS
+    joined, deadline = f"{prefix}/joined", time.monotonic() + RENDEZVOUS_SECONDS
     try:
         store = dist.TCPStore(address, port, world, is_master=hosted, timeout=timedelta(seconds=RENDEZVOUS_SECONDS),
                               wait_for_workers=False)  # fmt: skip
-        store.add(f"{prefix}/joined", 1)
-        wait_until(lambda: store.add(f"{prefix}/joined", 0) == world, deadline,
-                   lambda: f"{store.add(f'{prefix}/joined', 0)} of {world} ranks came")  # fmt: skip
+        store.add(joined, 1)
+        wait_until(lambda: store.add(joined, 0) == world, deadline,
+                   lambda: f"{store.add(joined, 0)} of {world} ranks came")  # fmt: skip
     except (RuntimeError, OSError) as e:
         raise UserError(
             f"the {world} ranks did not meet at {address}:{port} within {RENDEZVOUS_SECONDS} s ({one_line(e)}): start "
