@@ -18,10 +18,12 @@ import os
 import sys
 from pathlib import Path
 
+from phase_controller import PHASES
+
 from . import launch
 from .figures import plot_study
 from .files import UserError, write_atomically, write_json
-from .records import ARMS, PHASE_AWARE, summary_path
+from .records import ARMS, PHASE_AWARE, summary_path, transition_key
 from .settings import OneLineParser, Settings, flag
 
 PROG = "python -m phase_cifar10.study"
@@ -105,13 +107,14 @@ def study_table(rows):
     arms = [arm for arm in ARMS if any(arm in row["final_acc"] for row in rows)]  # the arms the cells trained
     compared = [arm for arm in arms if arm != PHASE_AWARE]
     head = ["cell", "seeds", *(f"{arm} final" for arm in arms)]
-    head += [f"Δ vs {other} (95% CI), p, pairs" for other in compared] + ["S1 after epoch", "S2 after epoch"]
+    phases = [transition_key(phase) for phase in PHASES[1:]]  # S1, S2, S3: every phase the controller enters
+    head += [f"Δ vs {other} (95% CI), p, pairs" for other in compared] + [f"{phase} after epoch" for phase in phases]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["cell"], str(len(row["seeds"]))]
         cells += [f"{row['final_acc'][arm]['mean']:.2f}" if arm in row["final_acc"] else "" for arm in arms]
         cells += [comparison_cell(row["comparisons"].get(other)) for other in compared]
-        for phase in ("S1", "S2"):
+        for phase in phases:
             epochs = [found.get(phase) for found in row["detected_after_epoch"].values()]
             cells.append(" ".join("never" if e is None else str(e) for e in epochs))
         lines.append("| " + " | ".join(cells) + " |")

@@ -43,7 +43,7 @@ def test_the_table_says_what_the_cells_summaries_say(whole_study):
     head, rows = lines[0], lines[1:]
     # The columns of the arms trained, and no other: these cells have no control.
     assert head == ["cell", "seeds", "baseline final", "phase_aware final", "Δ vs baseline (95% CI), p, pairs",
-                    "S1 after epoch", "S2 after epoch"]  # fmt: skip
+                    "S1 after epoch", "S2 after epoch", "S3 after epoch"]  # fmt: skip
     rows = [dict(zip(head, row, strict=True)) for row in rows]
     assert [row["cell"] for row in rows] == CELLS
     for row, cell in zip(rows, CELLS, strict=True):
@@ -57,12 +57,21 @@ def test_the_table_says_what_the_cells_summaries_say(whole_study):
         assert delta == pytest.approx(compared["mean"], abs=0.005)
         assert (low, high) == pytest.approx(tuple(compared["ci95"]), abs=0.005)
         assert p == pytest.approx(compared["p_value"], abs=0.0005)
-        for phase in ("S1", "S2"):
+        for phase in ("S1", "S2", "S3"):
             found = [summary["transitions"][str(seed)] for seed in (1, 2, 3)]
             expected = [str(t[phase] + 1) if phase in t else "never" for t in found]  # 1-based, seed by seed
             assert row[f"{phase} after epoch"] == " ".join(expected)
     assert read_json(whole_study / "study.json")["cells"][0]["cell"] == "base_lr=0.01"
     assert (whole_study / "study.png").stat().st_size > 0
+
+
+def test_the_table_gives_each_seeds_detections_one_based_s3_included(whole_study):
+    # The tiny cells detect no phase: give the first cell's seeds detections by hand (0-based epochs).
+    summary = read_json(whole_study / CELLS[0] / "multi_seed_summary.json")
+    summary["transitions"] = {"1": {"S1": 2, "S2": 5, "S3": 11}, "2": {"S1": 2}, "3": {"S1": 3, "S2": 9}}
+    table = study.study_table([study.study_row("by hand", summary)])
+    row = next(line for line in table.splitlines() if line.startswith("| by hand |"))
+    assert row.endswith(" | 3 3 4 | 6 never 10 | 12 never never |")
 
 
 def test_a_study_cut_off_continues_with_resume(whole_study, tmp_path, monkeypatch):
