@@ -12,10 +12,10 @@ from phase_controller import PHASES, phase_table
 
 from .files import UserError, is_finite_number, one_line, open_regular_file, parse_json, read_text
 from .model import base_lr_at
-from .settings import check_config, identity
+from .settings import ARMS, check_config, identity
 
 # The arms of a seed, as the results files name them, and the accuracies compared between them.
-ARMS = (BASELINE, PHASE_AWARE, CONTROL, BORROWED) = ("baseline", "phase_aware", "control", "borrowed")
+BASELINE, PHASE_AWARE, CONTROL, BORROWED = ARMS
 CONTROLS = {"lr-matched": CONTROL, "borrowed": BORROWED}  # --control's names for the arms it adds
 CONTROLLED = (PHASE_AWARE, BORROWED)  # the arms a controller steers: they log its phase, dL and schedule
 METRICS = ("best_acc", "final_acc")

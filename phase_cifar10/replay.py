@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 from .figures import plot_replay
 from .files import UserError, check_output_dir, is_finite_number, make_folder, parse_json, read_text, write_json
-from .records import PHASE_AWARE, check_results, held_out_loss
+from .records import ARMS, PHASE_AWARE, check_results, held_out_loss
 from .settings import CONTROLLER_DEFAULTS, controller_of, flag, identity
 
 
@@ -24,10 +24,10 @@ READ_AS_CSV = "read as CSV because of its .csv suffix"
 READ_AS_JSON = "read as JSON because its suffix is not .csv"
 
 
-def read_loss_log(path):
-    """A LossLog from a results_seed_N.json, a JSON list of training losses, or a CSV with a
-    train_loss column and an optional eval_loss column (as spreadsheets export them too). The
-    suffix decides: .csv is read as CSV, anything else as JSON."""
+def read_loss_log(path, arm=PHASE_AWARE):
+    """A LossLog from one arm of a results_seed_N.json, a JSON list of training losses, or a CSV
+    with a train_loss column and an optional eval_loss column (as spreadsheets export them too).
+    The suffix decides: .csv is read as CSV, anything else as JSON."""
     path = Path(path)
     as_csv = path.suffix.lower() == ".csv"
     how = READ_AS_CSV if as_csv else READ_AS_JSON
@@ -42,7 +42,7 @@ def read_loss_log(path):
                 data = parse_json(text)
             except ValueError as e:
                 raise ValueError(f"{how}, but it is not JSON ({e}); for a CSV, name it .csv") from None
-            log = read_json_losses(data)  # its losses checked there, a results file's by check_results
+            log = read_json_losses(data, arm)  # its losses checked there, a results file's by check_results
     except OSError as e:
         raise UserError(f"--replay {path}: cannot read it ({e.strerror or e})") from None
     except ValueError as e:
@@ -81,7 +81,7 @@ def read_csv_losses(text):
     return LossLog(column("train_loss", required=True), eval_losses, None, None)
 
 
-def read_json_losses(data):
+def read_json_losses(data, arm):
     if isinstance(data, list):
         if not data:
             raise ValueError("no losses in it")
@@ -91,11 +91,15 @@ def read_json_losses(data):
         return LossLog([float(v) for v in data], None, None, None)
     if not (isinstance(data, dict) and isinstance(data.get(PHASE_AWARE), dict) and "config" in data):
         raise ValueError("expected a results_seed_N.json file or a JSON list of numbers")
-    check_results(data)  # a results file: the phase arm's view of the run
-    log = data[PHASE_AWARE]["per_epoch"]
+    check_results(data)
+    if arm not in data:
+        raise ValueError(f"it holds no {arm} arm, only {', '.join(a for a in ARMS if a in data)} (--replay-arm)")
+    log = data[arm]["per_epoch"]
     if not log["train_loss"]:
-        raise ValueError("no losses in it")
-    return LossLog(log["train_loss"], held_out_loss(log), log["phase"], data["config"])
+        raise ValueError(f"no losses in its {arm} arm")
+    # Only the phase arm's phases are its controller's over this curve: the others have none, or borrowed ones.
+    phases = log["phase"] if arm == PHASE_AWARE else None
+    return LossLog(log["train_loss"], held_out_loss(log), phases, data["config"])
 
 
 def shorten(text, limit=60):
@@ -105,20 +109,24 @@ def shorten(text, limit=60):
 def replay(settings):
     """--replay: the controller over a logged loss curve, printed, compared and written out."""
     check_output_dir(settings.output_dir)
-    source = settings.replay
-    log, controller = read_loss_log(source), controller_of(settings.controller)
+    source, arm = settings.replay, settings.replay_arm
+    log, controller = read_loss_log(source, arm), controller_of(settings.controller)
+    if log.config is None and arm != PHASE_AWARE:
+        raise UserError(f"--replay {source}: --replay-arm picks an arm of a results file; this file holds one curve")
     at = next((e for e, loss in enumerate(log.train) if loss <= 0), None)
     if controller.dl_mode == "relative" and at is not None:
         raise UserError(
             f"--replay {source}: --dl-mode relative needs positive losses; epoch {at + 1} has {log.train[at]}"
         )
-    print(f"replaying {len(log.train)} epochs of {source}")
+    print(f"replaying {len(log.train)} epochs of {source}" + ("" if log.config is None else f", its {arm} arm"))
     rows = replay_rows(log, controller, source)
     if log.phases is not None:
         print(compare_with_recorded(rows, log, settings))
-    out, stem = Path(settings.output_dir), Path(source).stem
+    # The phase arm's replay keeps the file's name; another arm's adds the arm's.
+    out, stem = Path(settings.output_dir), Path(source).stem + ("" if arm == PHASE_AWARE else f"_{arm}")
     replay_result = {
         "source": str(source),
+        "arm": None if log.config is None else arm,
         "controller": dict(settings.controller),
         "per_epoch": rows,
         "transitions": controller.transitions,

@@ -17,6 +17,8 @@ from .model import BASE_LR, BATCH_SIZE, EPOCHS, WARMUP_EPOCHS, WIDTH
 SEED_RANGE = 2**32  # numpy's seeds: 0 .. 2**32 - 1
 MAX_EPOCHS = 1_000_000  # far beyond any run; keeps every count and sum in float range
 PRECISIONS = ("fp32", "bf16-autocast")
+# The arms a run can train, as its results files name them.
+ARMS = ("baseline", "phase_aware", "control", "borrowed")
 
 # The phase controller's settings: its keywords, with their defaults (the original's settings).
 # A new keyword becomes a flag and a setting of every run; its help text is the one thing to add.
@@ -110,6 +112,7 @@ class Settings:
     controller: dict = field(default_factory=lambda: dict(CONTROLLER_DEFAULTS))
     summarize: str | None = setting(None, "build multi_seed_summary.{json,png} from DIR's results", MODES, PATH)
     replay: str | None = setting(None, "the controller over a logged loss curve (JSON or CSV)", MODES, PATH)
+    replay_arm: str = setting("phase_aware", "which arm of a results file --replay reads", MODES, one_of(*ARMS))
 
     @classmethod
     def from_command_line(cls, argv, prog="phase_controller.py"):
@@ -117,6 +120,8 @@ class Settings:
         given = vars(build_parser(prog).parse_args(argv))  # only the flags that were passed
         if "seed" in given and ("multi_seed" in given or "seeds" in given):
             raise UserError("--seed runs one seed, --multi-seed/--seeds several: pass one or the other")
+        if "replay_arm" in given and "replay" not in given:
+            raise UserError("--replay-arm picks the curve --replay reads: pass --replay FILE with it")
         if "resume" in given and "restart" in given:
             raise UserError("--resume continues the seeds, --restart replaces them: pass one or the other")
         given["multi_seed"] = given.get("multi_seed", False) or "seeds" in given
@@ -151,7 +156,7 @@ class Settings:
 
 
 # Settings that change how a run computes, never what: not recorded in its files.
-HOW_TO_RUN = ("resume", "restart", "concurrent_arms", "eager", "summarize", "replay")
+HOW_TO_RUN = ("resume", "restart", "concurrent_arms", "eager", "summarize", "replay", "replay_arm")
 
 
 # ----- the command line -----
@@ -175,7 +180,7 @@ def build_parser(prog="phase_controller.py"):
         argument_default=argparse.SUPPRESS,
     )
     groups = {name: parser.add_argument_group(name) for name in GROUPS}
-    groups[MODES] = groups[MODES].add_mutually_exclusive_group()
+    one_mode = groups[MODES].add_mutually_exclusive_group()  # --summarize DIR or --replay FILE
     for f in fields(Settings):
         if f.name == "controller":
             for name, default in CONTROLLER_DEFAULTS.items():
@@ -188,7 +193,7 @@ def build_parser(prog="phase_controller.py"):
             groups[meta["group"]].add_argument(flag(f.name), action="store_true", help=meta["help"])
         elif f.default is None:
             metavar = "DIR" if f.name == "summarize" else "FILE"
-            groups[meta["group"]].add_argument(flag(f.name), metavar=metavar, help=meta["help"])
+            one_mode.add_argument(flag(f.name), metavar=metavar, help=meta["help"])
         else:
             choices = rule.choices if rule else None
             help = f"{meta['help']} (default {shown})"

@@ -43,6 +43,8 @@ BAD_ARGUMENTS = [
     (["--seed", "1", "--multi-seed"], "--seed runs one seed, --multi-seed/--seeds several"),
     (["--epochs", "2", "--warmup-epochs", "2"], "--warmup-epochs must be < --epochs (2), got 2"),
     (["--summarize", "x", "--replay", "y"], "not allowed with argument"),
+    (["--replay-arm", "baseline"], "--replay-arm picks the curve --replay reads: pass --replay FILE with it"),
+    (["--replay", "y", "--replay-arm", "best"], "argument --replay-arm: invalid choice: 'best'"),
 ]
 
 

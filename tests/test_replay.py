@@ -28,6 +28,46 @@ def test_replay_of_a_results_file_reproduces_its_phases(default_run, tmp_path):
     code, stdout, _ = run_main(["--replay", out / "results_seed_42.json", "--output-dir", tmp_path])
     assert code == 0 and "differs from the recorded phases after epochs" in stdout  # other thresholds
     assert "the run used --s2-threshold 1.0 --s3-patience 1" in stdout
+    assert read_json(tmp_path / "replay_results_seed_42.json")["arm"] == "phase_aware"
+
+
+def test_replay_of_a_results_files_baseline_curve(default_run, tmp_path):
+    out, results, _ = default_run
+    flags = ["--replay", out / "results_seed_42.json", "--replay-arm", "baseline", "--output-dir", tmp_path]
+    code, stdout, _ = run_main([*flags, "--s1-threshold", "1.0"])
+    assert code == 0 and "its baseline arm" in stdout
+    assert "recorded phases" not in stdout  # the baseline ran without a controller: nothing to compare
+    replayed = read_json(tmp_path / "replay_results_seed_42_baseline.json")
+    baseline = results["baseline"]["per_epoch"]
+    assert replayed["arm"] == "baseline"
+    assert [row["train_loss"] for row in replayed["per_epoch"]] == baseline["train_loss"]
+    assert [row["eval_loss"] for row in replayed["per_epoch"]] == baseline[
+        "eval_loss"
+    ]  # no --val-size: the test split's
+    assert baseline["train_loss"] != results["phase_aware"]["per_epoch"]["train_loss"]  # a curve of its own
+    # The default window of 3: dL after the last epoch is the mean of the last three differences.
+    losses = baseline["train_loss"]
+    assert replayed["per_epoch"][-1]["dL"] == pytest.approx((losses[-1] - losses[-4]) / 3, rel=1e-12)
+    assert replayed["transition_epochs"] == {"S1": 2}  # any slope is below 1.0: S1 once 3 losses are seen
+    assert (tmp_path / "replay_results_seed_42_baseline.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("[2.0, 1.0]", "--replay-arm picks an arm of a results file; this file holds one curve"),
+        (None, "it holds no control arm, only baseline, phase_aware (--replay-arm)"),
+    ],
+    ids=["a-list", "an-arm-not-run"],
+)
+def test_replay_of_an_arm_a_file_lacks_is_one_line(default_run, tmp_path, content, message):
+    path = default_run[0] / "results_seed_42.json"
+    if content is not None:
+        path = tmp_path / "losses.json"
+        path.write_text(content)
+    code, _, stderr = run_main(["--replay", path, "--replay-arm", "control", "--output-dir", tmp_path / "out"])
+    assert code == 2 and stderr.count("\n") == 1 and message in stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_replay_of_a_json_list(tmp_path):
