@@ -21,9 +21,10 @@ from pathlib import Path
 from phase_controller import PHASES
 
 from . import launch
+from .evidence import load_seed_results, paired_stats
 from .figures import plot_study
 from .files import UserError, write_atomically, write_json
-from .records import ARMS, PHASE_AWARE, summary_path, transition_key
+from .records import ARMS, BASELINE, PHASE_AWARE, arm_problem, summary_path, transition_key
 from .settings import OneLineParser, Settings, flag
 
 PROG = "python -m phase_cifar10.study"
@@ -75,11 +76,12 @@ def study_cells(folder, vary, run_flags):
 
 
 def write_study(folder, cells):
-    """study.json, study.md and study.png from the cells' summaries; returns the table."""
+    """study.json, study.md and study.png from the cells' summaries and results; returns the table."""
     rows = [study_row(cell, json.loads(summary_path(settings.output_dir, ".json").read_text()))
             for cell, settings in cells.items()]  # fmt: skip
-    write_json(folder / "study.json", {"cells": rows})
-    table = study_table(rows)
+    best = best_cells({cell: load_seed_results(settings.output_dir) for cell, settings in cells.items()})
+    write_json(folder / "study.json", {"cells": rows, "best": best})
+    table = study_table(rows, best)
     write_atomically(folder / "study.md", table.encode())
     varied = [part.partition("=")[0] for part in next(iter(cells)).split(",")]
     plot_study(rows, folder / "study.png", f"final test accuracy by {', '.join(varied)}")
@@ -102,8 +104,35 @@ def study_row(cell, summary):
             "detected_after_epoch": transitions}  # fmt: skip
 
 
-def study_table(rows):
-    """The study's table in Markdown: a row per cell."""
+def best_cells(results):
+    """Each arm at its best cell, and the phase arm's best against the baseline's best: does the
+    controller beat a tuned baseline? results: {cell: {seed: results}}.
+
+    An arm's best cell has the highest validation accuracy after the last epoch, averaged over the
+    seeds; the held-out split chooses, never the test split, which would flatter both arms. A cell
+    where the arm diverged on any seed is not a candidate. The comparison pairs each seed's final
+    test accuracy in the two chosen cells. None with fewer than two cells or without --val-size.
+    """
+    some = next(iter(next(iter(results.values())).values()))
+    if len(results) < 2 or "val_acc" not in some[BASELINE]["per_epoch"]:
+        return None
+    best = {}
+    for arm in (BASELINE, PHASE_AWARE):
+        candidates = {cell: [r[arm]["per_epoch"]["val_acc"][-1] for r in by_seed.values()]
+                      for cell, by_seed in results.items()
+                      if not any(arm_problem(r[arm]) for r in by_seed.values())}  # fmt: skip
+        if not candidates:
+            return None
+        cell = max(candidates, key=lambda c: sum(candidates[c]) / len(candidates[c]))  # the first of equals
+        best[arm] = {"cell": cell, "val_acc": sum(candidates[cell]) / len(candidates[cell])}
+    ours, theirs = results[best[PHASE_AWARE]["cell"]], results[best[BASELINE]["cell"]]
+    deltas = {seed: ours[seed][PHASE_AWARE]["final_acc"] - theirs[seed][BASELINE]["final_acc"]
+              for seed in ours if seed in theirs}  # fmt: skip
+    return best | {"final_acc": paired_stats(deltas)}
+
+
+def study_table(rows, best=None):
+    """The study's table in Markdown: a row per cell, then each arm at its best cell."""
     arms = [arm for arm in ARMS if any(arm in row["final_acc"] for row in rows)]  # the arms the cells trained
     compared = [arm for arm in arms if arm != PHASE_AWARE]
     head = ["cell", "seeds", *(f"{arm} final" for arm in arms)]
@@ -122,6 +151,15 @@ def study_table(rows):
         "\nFinal test accuracy (%), the mean over seeds; Δ in points, phase-aware minus the other arm, with "
         "its 95% bootstrap interval and sign-flip p (none below 3 pairs); detections seed by seed.\n"
     )
+    if best:
+        final = best["final_acc"]
+        compared = {k: final[k] for k in ("mean", "ci95", "p_value")} | {"pairs": final["total"]}
+        note += (
+            f"\nEach arm at its best cell, chosen on mean validation accuracy after the last epoch: baseline at "
+            f"{best[BASELINE]['cell']} ({best[BASELINE]['val_acc']:.2f}), phase_aware at {best[PHASE_AWARE]['cell']} "
+            f"({best[PHASE_AWARE]['val_acc']:.2f}); phase-aware minus baseline in final test accuracy "
+            f"{comparison_cell(compared)} pairs.\n"
+        )
     return "\n".join(lines) + "\n" + note
 
 

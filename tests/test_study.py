@@ -74,6 +74,44 @@ def test_the_table_gives_each_seeds_detections_one_based_s3_included(whole_study
     assert row.endswith(" | 3 3 4 | 6 never 10 | 12 never never |")
 
 
+def arm(val_acc, final_acc, status="ok"):
+    """An arm's record as a results file holds it, with what best_cells reads."""
+    record = {"status": status, "final_acc": final_acc, "per_epoch": {"val_acc": val_acc}}
+    return record | ({"diverged_epoch": 1} if status == "diverged" else {})
+
+
+def test_each_arms_best_cell_is_chosen_on_validation_and_the_bests_are_paired_by_seed():
+    by_cell = {  # cell: {seed: (baseline, phase_aware)}
+        # The baseline's best test accuracy, but not its best validation accuracy after the last epoch
+        # (the 99 is an earlier epoch's): not chosen.
+        "A": {1: (arm([99, 60], 70), arm([64], 66)), 2: (arm([1, 62], 70), arm([64], 67)),
+              3: (arm([1, 64], 70), arm([64], 69))},
+        "B": {1: (arm([63], 65), arm([61], 80)), 2: (arm([63], 66), arm([61], 80)), 3: (arm([63], 67), arm([61], 80))},
+        # The highest validation accuracy, but the baseline diverged on seed 3: not a candidate for it.
+        "C": {1: (arm([70], 90), arm([50], 50)), 2: (arm([70], 90), arm([50], 50)),
+              3: (arm([70], 90, "diverged"), arm([50], 50))},
+    }  # fmt: skip
+    results = {cell: {seed: {"baseline": b, "phase_aware": p} for seed, (b, p) in seeds.items()}
+               for cell, seeds in by_cell.items()}  # fmt: skip
+    best = study.best_cells(results)
+    assert best["baseline"] == {"cell": "B", "val_acc": 63} and best["phase_aware"] == {"cell": "A", "val_acc": 64}
+    compared = best["final_acc"]  # phase_aware in A minus baseline in B: 66-65, 67-66, 69-67
+    assert compared["per_seed"] == {"1": 1, "2": 1, "3": 2} and compared["mean"] == pytest.approx(4 / 3)
+    assert compared["p_value"] == 2 / 8  # of the 8 sign patterns, only all + and all - reach |4/3|
+    assert study.best_cells({"A": results["A"]}) is None  # one cell: nothing to choose
+    no_val = {cell: {seed: {name: arm_ | {"per_epoch": {}} for name, arm_ in r.items()} for seed, r in seeds.items()}
+              for cell, seeds in results.items()}  # fmt: skip
+    assert study.best_cells(no_val) is None  # without --val-size the test split would choose
+
+
+def test_the_study_states_each_arms_best_cell(whole_study):
+    best = read_json(whole_study / "study.json")["best"]
+    assert {best["baseline"]["cell"], best["phase_aware"]["cell"]} <= set(CELLS)
+    assert best["final_acc"]["total"] == 3
+    chosen = f"baseline at {best['baseline']['cell']} ({best['baseline']['val_acc']:.2f})"
+    assert chosen in (whole_study / "study.md").read_text()
+
+
 def test_a_study_cut_off_continues_with_resume(whole_study, tmp_path, monkeypatch):
     interrupt_after(monkeypatch, epochs=7)  # within the second cell's seeds
     assert run_study("--output-dir", tmp_path, *GRID, *RUN) == 130
