@@ -118,13 +118,13 @@ def best_cells(results):
         return None
     best = {}
     for arm in (BASELINE, PHASE_AWARE):
-        candidates = {cell: [r[arm]["per_epoch"]["val_acc"][-1] for r in by_seed.values()]
-                      for cell, by_seed in results.items()
-                      if not any(arm_problem(r[arm]) for r in by_seed.values())}  # fmt: skip
-        if not candidates:
+        means = {cell: sum(r[arm]["per_epoch"]["val_acc"][-1] for r in by_seed.values()) / len(by_seed)
+                 for cell, by_seed in results.items()
+                 if not any(arm_problem(r[arm]) for r in by_seed.values())}  # fmt: skip
+        if not means:
             return None
-        cell = max(candidates, key=lambda c: sum(candidates[c]) / len(candidates[c]))  # the first of equals
-        best[arm] = {"cell": cell, "val_acc": sum(candidates[cell]) / len(candidates[cell])}
+        cell = max(means, key=means.get)  # the first of equals
+        best[arm] = {"cell": cell, "val_acc": means[cell]}
     ours, theirs = results[best[PHASE_AWARE]["cell"]], results[best[BASELINE]["cell"]]
     deltas = {seed: ours[seed][PHASE_AWARE]["final_acc"] - theirs[seed][BASELINE]["final_acc"]
               for seed in ours if seed in theirs}  # fmt: skip
