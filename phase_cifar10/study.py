@@ -96,8 +96,7 @@ def study_row(cell, summary):
     for other in [arm for arm in ARMS if arm != PHASE_AWARE]:
         compared = summary["comparisons"].get(f"{PHASE_AWARE}_vs_{other}")
         if compared:
-            final = compared["final_acc"]
-            comparisons[other] = {k: final.get(k) for k in ("mean", "ci95", "p_value")} | {"pairs": compared["pairs"]}
+            comparisons[other] = brief(compared["final_acc"], compared["pairs"])
     transitions = {seed: {phase: epoch + 1 for phase, epoch in found.items()}
                    for seed, found in summary["transitions"].items()}  # fmt: skip
     return {"cell": cell, "seeds": summary["seeds"], "final_acc": arms, "comparisons": comparisons,
@@ -113,8 +112,8 @@ def best_cells(results):
     where the arm diverged on any seed is not a candidate. The comparison pairs each seed's final
     test accuracy in the two chosen cells. None with fewer than two cells or without --val-size.
     """
-    some = next(iter(next(iter(results.values())).values()))
-    if len(results) < 2 or "val_acc" not in some[BASELINE]["per_epoch"]:
+    validated = all("val_acc" in r[BASELINE]["per_epoch"] for by_seed in results.values() for r in by_seed.values())
+    if len(results) < 2 or not validated:  # a study may vary --val-size: every cell needs one
         return None
     best = {}
     for arm in (BASELINE, PHASE_AWARE):
@@ -152,15 +151,19 @@ def study_table(rows, best=None):
         "its 95% bootstrap interval and sign-flip p (none below 3 pairs); detections seed by seed.\n"
     )
     if best:
-        final = best["final_acc"]
-        compared = {k: final[k] for k in ("mean", "ci95", "p_value")} | {"pairs": final["total"]}
+        tuned = brief(best["final_acc"], best["final_acc"]["total"])
         note += (
             f"\nEach arm at its best cell, chosen on mean validation accuracy after the last epoch: baseline at "
             f"{best[BASELINE]['cell']} ({best[BASELINE]['val_acc']:.2f}), phase_aware at {best[PHASE_AWARE]['cell']} "
             f"({best[PHASE_AWARE]['val_acc']:.2f}); phase-aware minus baseline in final test accuracy "
-            f"{comparison_cell(compared)} pairs.\n"
+            f"{comparison_cell(tuned)} pairs.\n"
         )
     return "\n".join(lines) + "\n" + note
+
+
+def brief(stats, pairs):
+    """What the table shows of a paired comparison (paired_stats): mean, interval, p and pairs."""
+    return {k: stats.get(k) for k in ("mean", "ci95", "p_value")} | {"pairs": pairs}
 
 
 def comparison_cell(compared):

@@ -41,9 +41,8 @@ def test_replay_of_a_results_files_baseline_curve(default_run, tmp_path):
     baseline = results["baseline"]["per_epoch"]
     assert replayed["arm"] == "baseline"
     assert [row["train_loss"] for row in replayed["per_epoch"]] == baseline["train_loss"]
-    assert [row["eval_loss"] for row in replayed["per_epoch"]] == baseline[
-        "eval_loss"
-    ]  # no --val-size: the test split's
+    # Without --val-size the held-out loss is the test split's.
+    assert [row["eval_loss"] for row in replayed["per_epoch"]] == baseline["eval_loss"]
     assert baseline["train_loss"] != results["phase_aware"]["per_epoch"]["train_loss"]  # a curve of its own
     # The default window of 3: dL after the last epoch is the mean of the last three differences.
     losses = baseline["train_loss"]

@@ -102,6 +102,7 @@ def test_each_arms_best_cell_is_chosen_on_validation_and_the_bests_are_paired_by
     no_val = {cell: {seed: {name: arm_ | {"per_epoch": {}} for name, arm_ in r.items()} for seed, r in seeds.items()}
               for cell, seeds in results.items()}  # fmt: skip
     assert study.best_cells(no_val) is None  # without --val-size the test split would choose
+    assert study.best_cells(results | {"D": no_val["A"]}) is None  # nor when only some cells have one
 
 
 def test_the_study_states_each_arms_best_cell(whole_study):
