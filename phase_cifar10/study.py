@@ -18,6 +18,8 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from phase_controller import PHASES
 
 from . import launch
@@ -117,7 +119,7 @@ def best_cells(results):
         return None
     best = {}
     for arm in (BASELINE, PHASE_AWARE):
-        means = {cell: sum(r[arm]["per_epoch"]["val_acc"][-1] for r in by_seed.values()) / len(by_seed)
+        means = {cell: float(np.mean([r[arm]["per_epoch"]["val_acc"][-1] for r in by_seed.values()]))
                  for cell, by_seed in results.items()
                  if not any(arm_problem(r[arm]) for r in by_seed.values())}  # fmt: skip
         if not means:

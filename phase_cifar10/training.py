@@ -449,12 +449,17 @@ def matched_lr_mult(phase_record, config):
         c = sum_e m_e * b_e * s_e / B  /  sum_e b_e
     so the control moves its weights as far in total as the phase arm did. The plain mean of m_e
     ignores that epochs carry very different base LRs and step counts.
+
+    Both sums add left to right, not with sum(): from Python 3.12 on sum() compensates rounding, so
+    the last bit of c, and then the control's whole run, would depend on the Python computing it.
     """
     log = phase_record["per_epoch"]
     batches = math.ceil(config["train_size"] / config["batch_size"])
     base = [base_lr_at(e, config["base_lr"], config["warmup_epochs"], config["epochs"]) for e in range(len(log["lr"]))]
-    update = sum(m * b * (s / batches) for m, b, s in zip(log["lr_mult"], base, log["steps"], strict=True))
-    return update / sum(base)
+    update = total = 0.0
+    for m, b, s in zip(log["lr_mult"], base, log["steps"], strict=True):
+        update, total = update + m * b * (s / batches), total + b
+    return update / total
 
 
 def following_arm(job, name, phase_record):

@@ -6,7 +6,7 @@ import re
 import pytest
 from helpers import ROOT, read_json
 
-from phase_cifar10 import evidence, study
+from phase_cifar10 import evidence, study, training
 
 REFERENCE = ROOT / "results" / "reference-cpu"
 DEFAULT = ROOT / "results" / "default-cpu"  # the default reproduction, seed by seed
@@ -53,6 +53,29 @@ def test_a_published_studys_table_is_what_its_cells_summaries_say(folder):
     assert json.loads(json.dumps(best)) == published["best"]
     assert (folder / "study.md").read_text() == study.study_table(rows, best)
     assert {cell["cell"] for cell in cells} == {p.name for p in folder.iterdir() if p.is_dir()}
+
+
+def controlled(path):
+    """Whether the seed's control ran, from a phase arm that recorded its optimizer steps per epoch
+    (the reference predates that record; its accumulation stayed 1)."""
+    results = read_json(path)
+    return results.get("control", {}).get("status") == "ok" and "steps" in results["phase_aware"]["per_epoch"]
+
+
+# Every such seed: its control's constant was computed by one machine's Python, and any other
+# Python must compute the same from the phase arm's record, or a rerun there (or --resume)
+# trains a different control.
+CONTROLLED = sorted(p for p in (ROOT / "results").glob("**/results_seed_*.json") if controlled(p))
+
+
+def test_the_default_seed_on_the_cpu_has_a_control():
+    assert DEFAULT / f"results_seed_{DEFAULT_SEEDS[0]}.json" in CONTROLLED
+
+
+@pytest.mark.parametrize("path", CONTROLLED, ids=lambda p: str(p.relative_to(ROOT / "results")))
+def test_a_published_controls_multiplier_is_the_one_every_python_computes_from_its_phase_arm(path):
+    results = read_json(path)
+    assert training.matched_lr_mult(results["phase_aware"], results["config"]) == results["control"]["fixed_lr_mult"]
 
 
 def table_rows(path, heading):
