@@ -2,7 +2,9 @@
 backends every run sets up, and whether a model fits."""
 
 import os
+import platform
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
@@ -46,6 +48,30 @@ def native_bf16(device):
         probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
         return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
     return False
+
+
+def machine_name(device):
+    """The hardware whose arithmetic a run's numbers come from, as its results file names it: the
+    GPU's name, or the CPU's model."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        cpu = cpu_model(Path("/proc/cpuinfo").read_text())
+    except OSError:  # not Linux
+        cpu = None
+    cpu = cpu or platform.processor() or platform.machine()
+    return cpu if device.type == "cpu" else f"{device.type} on {cpu}"
+
+
+def cpu_model(cpuinfo):
+    """The first CPU's model name in a Linux /proc/cpuinfo, with its family and model numbers:
+    virtual machines often give only a brand ("AMD EPYC"), and CPU generations differ in their
+    bf16 arithmetic. None if it names no model."""
+    first = cpuinfo.split("\n\n", 1)[0]
+    fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first.splitlines())}
+    numbers = [f"{key} {fields[key]}" for key in ("cpu family", "model") if fields.get(key)]
+    name = fields.get("model name") or None
+    return f"{name} ({', '.join(numbers)})" if name and numbers else name
 
 
 def choose_precision(bf16, device):

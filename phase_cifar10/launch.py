@@ -15,7 +15,7 @@ import torch
 
 from . import __version__, steps, training
 from .data import Dataset, cifar10_dataset, data_label, fingerprint, prepare_cifar10, split_indices, synthetic_dataset
-from .devices import autocast_for, check_model_fits, choose_precision, pick_device, set_up_backends
+from .devices import autocast_for, check_model_fits, choose_precision, machine_name, pick_device, set_up_backends
 from .evidence import print_seed_result, seed_results, write_summary
 from .figures import plot_seed
 from .files import (
@@ -183,7 +183,7 @@ def seed_config(launch, seed, data, train_size):
     config.update(
         seed=seed, device=str(device), precision=launch.precision, momentum=MOMENTUM,
         memory_format=str(memory_format_for(device, settings.width)).removeprefix("torch."),
-        weight_decay=WEIGHT_DECAY, torch_version=str(torch.__version__),
+        weight_decay=WEIGHT_DECAY, machine=machine_name(device), torch_version=str(torch.__version__),
         tf32=torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32,  # as set_up_backends left it
         model_params=parameter_count(settings.width),
         train_size=train_size, test_size=len(data.test_y), version=__version__, git_commit=git_commit(),
@@ -233,6 +233,7 @@ def check_resumable(launch, seed, config):
             except BadRecord as e:
                 raise UserError(f"--resume: cannot use {path} ({e}); {RESTART}") from None
             saved.append((path, state["config"]))
+            check_same_machine(path, state["config"], config)
             if name == BORROWED:
                 followed = state["arm"]["borrowed_from"]
     for path, saved_config in saved:
@@ -248,6 +249,19 @@ def check_resumable(launch, seed, config):
             "with --restart to train the seed afresh"
         )
     return results
+
+
+def check_same_machine(path, saved, config):
+    """Refuse to continue a checkpoint that another machine or torch computed: the seed's numbers
+    would be neither's, under its results file's one machine. A finished seed is whole: skipped
+    wherever it ran. Checkpoints from before the machine was recorded compare on torch alone."""
+    moved = [f"{key} {saved[key]!r} there, {config[key]!r} now" for key in ("machine", "torch_version")
+             if key in saved and saved[key] != config[key]]  # fmt: skip
+    if moved:
+        raise UserError(
+            f"--resume: {path} was computed elsewhere ({'; '.join(moved)}); continued here, the seed's numbers "
+            "would come from two machines: resume it there, or rerun with --restart to train the seed afresh"
+        )
 
 
 @contextmanager

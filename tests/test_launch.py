@@ -24,6 +24,7 @@ from helpers import (
     one_line_error,
     read_json,
     run_main,
+    without_timings,
     write_cifar_folder,
 )
 
@@ -174,6 +175,40 @@ def test_resume_under_another_thread_count_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(launch.torch, "get_num_threads", lambda: threads + 1)
     code, _, stderr = run_main([*RUN, "--output-dir", tmp_path, "--resume"])
     one_line_error(code, stderr, f"threads {threads} there, {threads + 1} now")
+
+
+def with_config(path, edit_config):
+    """Rewrite a checkpoint as if another process had made it: edit_config(its config)."""
+    state = torch.load(path, weights_only=True)
+    edit_config(state["config"])
+    torch.save(state, path)
+
+
+# What another machine would have written: a CPU's model as /proc/cpuinfo names it, a torch release.
+@pytest.mark.parametrize(
+    "key, there", [("machine", "Intel(R) Xeon(R) Platinum 8480+ (cpu family 6, model 143)"), ("torch_version", "2.4.1")]
+)
+def test_resume_of_a_checkpoint_another_machine_or_torch_computed_is_refused(tmp_path, monkeypatch, key, there):
+    interrupted(tmp_path, monkeypatch, RUN, epochs=5)  # the baseline done, the phase arm one epoch saved
+    now = torch.load(tmp_path / "checkpoint_seed_42_baseline.pt", weights_only=True)["config"][key]
+    if key == "torch_version":
+        assert now == str(torch.__version__)
+    with_config(tmp_path / "checkpoint_seed_42_phase_aware.pt", lambda config: config.update({key: there}))
+    code, stdout, stderr = run_main([*RUN, "--output-dir", tmp_path, "--resume"])
+    one_line_error(code, stderr, f"checkpoint_seed_42_phase_aware.pt was computed elsewhere ({key} {there!r} there, "
+                   f"{now!r} now)", "--restart")  # fmt: skip
+    assert " epoch " not in stdout
+
+
+def test_a_checkpoint_from_before_the_machine_was_recorded_resumes(tmp_path, monkeypatch):
+    interrupted(tmp_path / "cut", monkeypatch, RUN)
+    for path in (tmp_path / "cut").glob("checkpoint_seed_42_*.pt"):
+        with_config(path, lambda config: config.pop("machine"))
+    assert run_main([*RUN, "--output-dir", tmp_path / "cut", "--resume"])[0] == 0
+    assert run_main([*RUN, "--output-dir", tmp_path / "whole"])[0] == 0
+    assert without_timings(read_json(tmp_path / "cut" / "results_seed_42.json")) == without_timings(
+        read_json(tmp_path / "whole" / "results_seed_42.json")
+    )
 
 
 def test_resume_into_a_folder_without_the_run_says_so(tmp_path):

@@ -232,6 +232,26 @@ def test_bf16_autocast_only_where_cpus_compute_it_natively(monkeypatch, amx, avx
     assert devices.native_bf16(torch.device("mps")) is False
 
 
+# The head of a processor's entry in /proc/cpuinfo: an x86 virtual machine that names only a brand,
+# and an ARM host that names no model at all.
+EPYC = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n"
+ARM = "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd\nCPU implementer\t: 0x41\nCPU part\t: 0xd0c\n"
+
+
+@pytest.mark.parametrize(
+    "cpuinfo, expected",
+    [
+        (EPYC + "\n" + EPYC.replace(": 0", ": 1").replace("26", "25"), "AMD EPYC (cpu family 26, model 2)"),
+        (EPYC.replace("cpu family\t: 26\nmodel\t\t: 2\n", ""), "AMD EPYC"),
+        (EPYC.replace("AMD EPYC", ""), None),
+        (ARM, None),
+        ("", None),
+    ],
+)
+def test_a_results_file_names_the_cpu_by_model_family_and_model_number(cpuinfo, expected):
+    assert devices.cpu_model(cpuinfo) == expected
+
+
 def test_bf16_autocast_computes_in_bf16():
     net = model.build_model(4, 0, torch.device("cpu"))
     with devices.autocast_for(torch.device("cpu"), "bf16-autocast"):
