@@ -1,0 +1,52 @@
+#!/bin/bash
+# The default reproduction on a GPU, in one call, ending in a short table: seeds 42, 137, 2024, 7
+# and 314 at the default setting with --val-size 5000 --control lr-matched, every arm at once,
+# then the summary. OUT_DIR becomes a published folder: results files, figures, the summary, the
+# run's log (log.txt) and the machine (machine.txt); the table gives its README's figures.
+# Usage: [RUN_LIMIT_S=S] bash tools/gpu_reproduce.sh DATA_DIR OUT_DIR [run flags: --resume, other --seeds, ...]
+# DATA_DIR holds cifar-10-batches-py/. Later flags win over the defaults above. RUN_LIMIT_S stops
+# the run after S seconds as Ctrl-C would (every arm keeps its last epoch's checkpoint, for
+# --resume), so that the table still comes within a call's time limit.
+set -uo pipefail
+data=$1 out=$2
+shift 2
+mkdir -p "$out"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+  python3 -c "import sys, numpy, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'numpy', numpy.__version__)"
+  echo "$(nproc) CPU cores, $(date -u +%Y-%m-%d)"; } > "$out/machine.txt"
+start=$(date +%s.%N)
+timeout --signal=INT --kill-after=60 "${RUN_LIMIT_S:-0}" python3 phase_controller.py --data-dir "$data" --seeds 42,137,2024,7,314 --val-size 5000 --control lr-matched \
+    --output-dir "$out" "$@" >> "$out/log.txt" 2>&1
+code=$?
+wall=$(python3 -c "print(f'{$(date +%s.%N) - $start:.1f}')")
+echo "exit code $code, $wall s" >> "$out/log.txt"
+python3 - "$out" "$code" "$wall" <<'PYTHON'
+import json, statistics, sys
+from pathlib import Path
+
+from phase_cifar10.records import ARMS
+
+out, code, wall = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+print(open(out / "machine.txt").read().strip())
+stopped = " (stopped at RUN_LIMIT_S: rerun with --resume to continue)" if code == "124" else ""
+print(f"run: exit code {code}{stopped}, {wall} s from start to summary")
+files = sorted(out.glob("results_seed_*.json"), key=lambda p: int(p.stem.removeprefix("results_seed_")))
+seeds = {int(p.stem.removeprefix("results_seed_")): json.loads(p.read_text()) for p in files}
+arms = [arm for arm in ARMS if any(arm in r for r in seeds.values())]
+print("no seed finished" if not seeds else "seed  " + "  ".join(f"{arm:>11}" for arm in arms) + "  phases entered after epoch")
+seconds = {"train": [], "eval": []}
+for seed, r in seeds.items():
+    finals = "  ".join(f"{r[arm]['final_acc']:11.2f}" if r[arm].get("final_acc") is not None
+                       else f"{r[arm]['status']:>11}" for arm in arms)
+    after = ", ".join(f"{phase} {epoch + 1}" for phase, epoch in r["phase_aware"]["transition_epochs"].items())
+    print(f"{seed:<4}  {finals}  {after or 'none'}")
+    for arm in arms:
+        for kind in seconds:
+            seconds[kind] += r[arm]["per_epoch"].get(f"{kind}_seconds", [])
+if seconds["train"]:
+    print(f"seconds per arm-epoch, median over {len(seconds['train'])}: training "
+          f"{statistics.median(seconds['train']):.2f}, evaluation {statistics.median(seconds['eval']):.2f}")
+_, heading, summary = (out / "log.txt").read_text().rpartition("\nsummary over seeds ")
+print((heading + summary).strip() if heading else "no summary in the log")
+print(f"{len(seeds)} results files; summary file {'written' if (out / 'multi_seed_summary.json').exists() else 'MISSING'}")
+PYTHON
