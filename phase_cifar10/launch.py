@@ -252,9 +252,10 @@ def check_resumable(launch, seed, config):
 
 
 def check_same_machine(path, saved, config):
-    """Refuse to continue a checkpoint that another machine or torch computed: the seed's numbers
-    would be neither's, under its results file's one machine. A finished seed is whole: skipped
-    wherever it ran. Checkpoints from before the machine was recorded compare on torch alone."""
+    """Refuse to continue a checkpoint that another machine or torch computed: continued here, the
+    seed's numbers would be neither machine's, though its results file names one. (A finished seed
+    is whole: skipped wherever it ran.) A checkpoint from before the machine was recorded compares
+    on torch alone."""
     moved = [f"{key} {saved[key]!r} there, {config[key]!r} now" for key in ("machine", "torch_version")
              if key in saved and saved[key] != config[key]]  # fmt: skip
     if moved:
