@@ -23,7 +23,9 @@ def script(tmp_path, name, *args):
     """tools/NAME run by bash as the GPU call runs it, its python3 this test's interpreter."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    (bin_dir / "python3").symlink_to(sys.executable)
+    python3 = bin_dir / "python3"  # a wrapper, not a link: a link would leave a virtual environment
+    python3.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python3.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     command = ["bash", str(ROOT / "tools" / name), *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
