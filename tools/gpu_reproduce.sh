@@ -3,7 +3,8 @@
 # and 314 at the default setting with --val-size 5000 --control lr-matched, every arm at once,
 # then the summary. OUT_DIR becomes a published folder: results files, figures, the summary, the
 # run's log (log.txt) and the machine (machine.txt); the table gives its README's figures.
-# Usage: [RUN_LIMIT_S=S] bash tools/gpu_reproduce.sh DATA_DIR OUT_DIR [run flags: --resume, other --seeds, ...]
+# Usage, from the project root:
+#   [RUN_LIMIT_S=S] bash tools/gpu_reproduce.sh DATA_DIR OUT_DIR [run flags: --resume, other --seeds, ...]
 # DATA_DIR holds cifar-10-batches-py/. Later flags win over the defaults above. RUN_LIMIT_S stops
 # the run after S seconds as Ctrl-C would (every arm keeps its last epoch's checkpoint, for
 # --resume), so that the table still comes within a call's time limit.
@@ -20,13 +21,15 @@ timeout --signal=INT --kill-after=60 "${RUN_LIMIT_S:-0}" python3 phase_controlle
 code=$?
 wall=$(python3 -c "print(f'{$(date +%s.%N) - $start:.1f}')")
 echo "exit code $code, $wall s" >> "$out/log.txt"
-python3 - "$out" "$code" "$wall" <<'PYTHON'
+resumed=no
+for flag in "$@"; do [ "$flag" = --resume ] && resumed=yes; done
+python3 - "$out" "$code" "$wall" "$resumed" <<'PYTHON'
 import json, statistics, sys
 from pathlib import Path
 
 from phase_cifar10.records import ARMS
 
-out, code, wall = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+out, code, wall, resumed = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4] == "yes"
 print(open(out / "machine.txt").read().strip())
 stopped = " (stopped at RUN_LIMIT_S: rerun with --resume to continue)" if code == "124" else ""
 print(f"run: exit code {code}{stopped}, {wall} s from start to summary")
@@ -43,9 +46,10 @@ for seed, r in seeds.items():
     for arm in arms:
         for kind in seconds:
             seconds[kind] += r[arm]["per_epoch"].get(f"{kind}_seconds", [])
-if seconds["train"]:
-    print(f"seconds per arm-epoch, median over {len(seconds['train'])}: training "
-          f"{statistics.median(seconds['train']):.2f}, evaluation {statistics.median(seconds['eval']):.2f}")
+if n := len(seconds["train"]):
+    print(f"seconds per arm-epoch, median over {n}: training {statistics.median(seconds['train']):.2f}, "
+          f"evaluation {statistics.median(seconds['eval']):.2f}"
+          + ("" if resumed else f"; wall time per arm-epoch {float(wall) / n:.2f}"))
 _, heading, summary = (out / "log.txt").read_text().rpartition("\nsummary over seeds ")
 print((heading + summary).strip() if heading else "no summary in the log")
 print(f"{len(seeds)} results files; summary file {'written' if (out / 'multi_seed_summary.json').exists() else 'MISSING'}")
