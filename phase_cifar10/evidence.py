@@ -8,12 +8,13 @@ import numpy as np
 from phase_controller import S1_BOUNDARY, S2_AXIS_LOCK
 
 from .figures import plot_summary
-from .files import UserError, write_json
+from .files import UserError, write_atomically, write_json
 from .records import (
     ARMS,
     BASELINE,
     BORROWED,
     CONTROL,
+    DETECTED_PHASES,
     METRICS,
     PHASE_AWARE,
     arm_problem,
@@ -134,14 +135,74 @@ def load_seed_results(folder, seeds=None):
 
 
 def write_summary(folder, seeds=None):
-    """multi_seed_summary.json and .png from the folder's results files, and the summary printed."""
+    """multi_seed_summary.json, .md (its table) and .png from the folder's results files, and the
+    summary printed."""
     results = load_seed_results(folder, seeds)
     summary = build_summary(results)
     plot_summary(results, summary, summary_path(folder, ".png"))
     write_json(summary_path(folder, ".json"), summary)
+    write_atomically(summary_path(folder, ".md"), summary_table(summary).encode())
     print_summary(summary)
-    print(f"wrote {summary_path(folder, '.json')} and {summary_path(folder, '.png').name}")
+    print(f"wrote {summary_path(folder, '.json')}, {summary_path(folder, '.md').name} and "
+          f"{summary_path(folder, '.png').name}")  # fmt: skip
     return summary
+
+
+def summary_table(summary):
+    """The summary's table in Markdown: a row per seed (each arm's final test accuracy, the phase
+    arm's deltas, the epochs after which each phase was detected), then the mean row with each
+    comparison's interval, p and pairs. What a README shows of a published folder."""
+    arms = list(summary["arms"])
+    others = [arm for arm in arms if arm != PHASE_AWARE]
+    comparisons = [summary["comparisons"][f"{PHASE_AWARE}_vs_{other}"]["final_acc"] or {} for other in others]
+    head = ["seed", *(f"{arm} final" for arm in arms), *(f"Δ vs {other}" for other in others)]
+    lines = table_head(head + [f"{phase} after epoch" for phase in DETECTED_PHASES])
+    for seed in map(str, summary["seeds"]):
+        cells = [seed]
+        for arm in arms:
+            final = summary["arms"][arm]["final_acc"]["per_seed"][seed]
+            cells.append(summary["arms"][arm]["status"][seed] if final is None else f"{final:.2f}")
+        deltas = [stats.get("per_seed", {}).get(seed) for stats in comparisons]
+        cells += ["" if delta is None else f"{delta:+.2f}" for delta in deltas]
+        found = summary["transitions"][seed]
+        cells += [str(found[phase] + 1) if phase in found else "never" for phase in DETECTED_PHASES]
+        lines.append(table_row(cells))
+    means = [summary["arms"][arm]["final_acc"]["mean"] for arm in arms]
+    cells = ["**mean**"] + ["" if mean is None else f"{mean:.2f}" for mean in means]
+    cells += [comparison_cell(brief(stats, stats["total"]) if stats else None) for stats in comparisons]
+    seeds = len(summary["seeds"])
+    cells += [f"{sum(phase in found for found in summary['transitions'].values())} of {seeds}"
+              for phase in DETECTED_PHASES]  # fmt: skip
+    lines.append(table_row(cells))
+    note = (
+        "\nFinal test accuracy (%); Δ in points, phase-aware minus the other arm, and in the mean row with its 95% "
+        "bootstrap interval, sign-flip p and pairs (none below 3 pairs); a phase's column gives the epoch, counting "
+        "from 1, after which the controller detected it, and in the mean row on how many seeds.\n"
+    )
+    return "\n".join(lines) + "\n" + note
+
+
+def table_head(names):
+    """A Markdown table's first two lines."""
+    return [table_row(names), "|" + "---|" * len(names)]
+
+
+def table_row(cells):
+    return "| " + " | ".join(cells) + " |"
+
+
+def brief(stats, pairs):
+    """What the table shows of a paired comparison (paired_stats): mean, interval, p and pairs."""
+    return {k: stats.get(k) for k in ("mean", "ci95", "p_value")} | {"pairs": pairs}
+
+
+def comparison_cell(compared):
+    if not compared:
+        return ""
+    text = f"{compared['mean']:+.2f}"
+    if compared["ci95"] is not None:
+        text += f" ({compared['ci95'][0]:+.2f}..{compared['ci95'][1]:+.2f}), p {compared['p_value']:.3f}"
+    return f"{text}, {compared['pairs']}"
 
 
 def build_summary(results):

@@ -102,6 +102,9 @@ def transition_key(phase):
     return phase[:2]
 
 
+DETECTED_PHASES = tuple(transition_key(phase) for phase in PHASES[1:])  # S1, S2, S3: what a controller detects
+
+
 def transition_epoch(record, phase):
     """The epoch after which an arm's controller entered phase, or None."""
     return record.get("transition_epochs", {}).get(transition_key(phase))

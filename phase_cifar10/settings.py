@@ -110,7 +110,7 @@ class Settings:
         WARMUP_EPOCHS, "linear warmup epochs", MODEL, whole(0), flag_default=f"{WARMUP_EPOCHS}, at most --epochs - 1"
     )
     controller: dict = field(default_factory=lambda: dict(CONTROLLER_DEFAULTS))
-    summarize: str | None = setting(None, "build multi_seed_summary.{json,png} from DIR's results", MODES, PATH)
+    summarize: str | None = setting(None, "build multi_seed_summary.{json,md,png} from DIR's results", MODES, PATH)
     replay: str | None = setting(None, "the controller over a logged loss curve (JSON or CSV)", MODES, PATH)
     replay_arm: str = setting("phase_aware", "which arm of a results file --replay reads", MODES, one_of(*ARMS))
 

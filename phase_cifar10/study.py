@@ -20,13 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from phase_controller import PHASES
-
 from . import launch
-from .evidence import load_seed_results, paired_stats
+from .evidence import brief, comparison_cell, load_seed_results, paired_stats, table_head, table_row
 from .figures import plot_study
 from .files import UserError, write_atomically, write_json
-from .records import ARMS, BASELINE, PHASE_AWARE, arm_problem, summary_path, transition_key
+from .records import ARMS, BASELINE, DETECTED_PHASES, PHASE_AWARE, arm_problem, summary_path
 from .settings import OneLineParser, Settings, flag
 
 PROG = "python -m phase_cifar10.study"
@@ -137,17 +135,16 @@ def study_table(rows, best=None):
     arms = [arm for arm in ARMS if any(arm in row["final_acc"] for row in rows)]  # the arms the cells trained
     compared = [arm for arm in arms if arm != PHASE_AWARE]
     head = ["cell", "seeds", *(f"{arm} final" for arm in arms)]
-    phases = [transition_key(phase) for phase in PHASES[1:]]  # S1, S2, S3: every phase the controller enters
-    head += [f"Δ vs {other} (95% CI), p, pairs" for other in compared] + [f"{phase} after epoch" for phase in phases]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head += [f"Δ vs {other} (95% CI), p, pairs" for other in compared]
+    lines = table_head(head + [f"{phase} after epoch" for phase in DETECTED_PHASES])
     for row in rows:
         cells = [row["cell"], str(len(row["seeds"]))]
         cells += [f"{row['final_acc'][arm]['mean']:.2f}" if arm in row["final_acc"] else "" for arm in arms]
         cells += [comparison_cell(row["comparisons"].get(other)) for other in compared]
-        for phase in phases:
+        for phase in DETECTED_PHASES:
             epochs = [found.get(phase) for found in row["detected_after_epoch"].values()]
             cells.append(" ".join("never" if e is None else str(e) for e in epochs))
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(table_row(cells))
     note = (
         "\nFinal test accuracy (%), the mean over seeds; Δ in points, phase-aware minus the other arm, with "
         "its 95% bootstrap interval and sign-flip p (none below 3 pairs); detections seed by seed.\n"
@@ -161,20 +158,6 @@ def study_table(rows, best=None):
             f"{comparison_cell(tuned)} pairs.\n"
         )
     return "\n".join(lines) + "\n" + note
-
-
-def brief(stats, pairs):
-    """What the table shows of a paired comparison (paired_stats): mean, interval, p and pairs."""
-    return {k: stats.get(k) for k in ("mean", "ci95", "p_value")} | {"pairs": pairs}
-
-
-def comparison_cell(compared):
-    if not compared:
-        return ""
-    text = f"{compared['mean']:+.2f}"
-    if compared["ci95"] is not None:
-        text += f" ({compared['ci95'][0]:+.2f}..{compared['ci95'][1]:+.2f}), p {compared['p_value']:.3f}"
-    return f"{text}, {compared['pairs']}"
 
 
 if __name__ == "__main__":

@@ -380,7 +380,22 @@ def test_a_diverged_pair_is_excluded_and_deltas_keep_their_seeds(tmp_path):
     assert "phase_aware_vs_baseline final_acc: mean +0.50 points, 1/2 healthy pairs positive" in stdout
     assert final["ci95"] is None and final["p_value"] is None and "95% CI" not in stdout and "p =" not in stdout
     assert stdout.count("no interval or p-value: 2 pair(s) cannot tell an effect from seed noise") == 1
-    assert stdout.rstrip().endswith(f"wrote {tmp_path / 'multi_seed_summary.json'} and multi_seed_summary.png")
+    assert stdout.rstrip().endswith(
+        f"wrote {tmp_path / 'multi_seed_summary.json'}, multi_seed_summary.md and multi_seed_summary.png"
+    )
+    # Its table: the diverged arm named where its accuracy would be, its pair left out of the deltas,
+    # no interval or p from two pairs, and each phase's epoch counted from 1 (S1 was entered at
+    # index 2, S2 at 4; seed 2 diverged before S2).
+    table = [line for line in (tmp_path / "multi_seed_summary.md").read_text().splitlines() if line.startswith("|")]
+    assert table == [
+        "| seed | baseline final | phase_aware final | Δ vs baseline | S1 after epoch | S2 after epoch | S3 after epoch"
+        " |",
+        "|---|---|---|---|---|---|---|",
+        "| 1 | 50.00 | 51.50 | +1.50 | 3 | 5 | never |",
+        "| 2 | 50.00 | diverged |  | 3 | never | never |",
+        "| 3 | 60.00 | 59.50 | -0.50 | 3 | 5 | never |",
+        "| **mean** | 53.33 | 55.50 | +0.50, 2 | 3 of 3 | 2 of 3 | 0 of 3 |",
+    ]
 
 
 def test_no_healthy_pair_gives_no_statistics(tmp_path):

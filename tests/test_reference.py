@@ -41,6 +41,23 @@ def test_committed_summary_is_what_summarize_builds_from_the_committed_seeds(fol
     assert built["seeds"] == seeds_in(folder)
 
 
+@pytest.mark.parametrize("folder", PUBLISHED, ids=lambda p: p.name)
+def test_a_published_summarys_table_is_what_its_seed_files_say(folder):
+    table = folder / "multi_seed_summary.md"
+    assert table.read_text() == evidence.summary_table(read_json(folder / "multi_seed_summary.json"))
+    rows = table_rows(table, "| seed |")
+    assert sorted(rows) == sorted([str(seed) for seed in seeds_in(folder)] + ["mean"])
+    for seed in seeds_in(folder):
+        results = read_json(folder / f"results_seed_{seed}.json")
+        arms = [arm for arm in ("baseline", "phase_aware", "control", "borrowed") if arm in results]
+        expected = [f"{results[arm]['final_acc']:.2f}" for arm in arms]  # every published arm finished
+        expected += [f"{results['delta_final_acc' + ('' if arm == 'baseline' else '_vs_' + arm)]:+.2f}"
+                     for arm in arms if arm != "phase_aware"]  # fmt: skip
+        entered = results["phase_aware"]["transition_epochs"]
+        expected += [str(entered[phase] + 1) if phase in entered else "never" for phase in ("S1", "S2", "S3")]
+        assert rows[str(seed)] == expected
+
+
 @pytest.mark.parametrize("folder", STUDIES, ids=lambda p: p.name)
 def test_a_published_studys_table_is_what_its_cells_summaries_say(folder):
     published = read_json(folder / "study.json")
