@@ -160,15 +160,28 @@ def append_to_file(path, data, keep):
 @contextmanager
 def signals_deferred():
     """Ctrl-C and SIGTERM held until the block ends, then delivered: for work a signal must not cut
-    in two (torch.save would report the interrupt as an error of its own)."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    in two (torch.save would report the interrupt as an error of its own).
+
+    The block notes them in handlers of its own, not by blocking them in this thread: the kernel
+    hands a signal to any thread that does not block it (torch's worker threads, say), and Python
+    then acts on it in the main thread all the same. Python handlers run in the main thread only.
+    """
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    caught = []
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    for number, handler in previous.items():
+        if handler is not None:  # None: a handler not installed from Python, which cannot be put back
+            signal.signal(number, lambda received, frame: caught.append(received))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        for number, handler in previous.items():
+            if handler is not None:
+                signal.signal(number, handler)
+        for number in dict.fromkeys(caught):  # each signal once, in the order they came
+            signal.raise_signal(number)
 
 
 def cannot_write(path, error):

@@ -234,6 +234,25 @@ def test_an_interrupt_inside_a_checkpoint_serialization_waits_for_its_end():
     assert done == ["serialized"]
 
 
+def test_an_interrupt_another_thread_receives_waits_too():
+    # A Ctrl-C goes to the process, and the kernel may hand it to any thread that does not block it,
+    # such as torch's worker threads; Python then raises it in the main thread all the same.
+    other, stop = threading.Thread(target=lambda: stop.wait()), threading.Event()
+    other.start()
+    done = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with files.signals_deferred():
+                signal.pthread_kill(other.ident, signal.SIGINT)
+                for _ in range(200):  # time for the signal to arrive and for Python to act on it
+                    time.sleep(0.001)
+                done.append("serialized")
+    finally:
+        stop.set()
+        other.join()
+    assert done == ["serialized"]
+
+
 def test_the_locks_cleanup_never_replaces_the_real_error(tmp_path, monkeypatch):
     # A write that fails, then a lock file that cannot be removed (a folder made read-only mid-run).
     def full(*args):
