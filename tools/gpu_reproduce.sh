@@ -24,28 +24,25 @@ echo "exit code $code, $wall s" >> "$out/log.txt"
 resumed=no
 for flag in "$@"; do [ "$flag" = --resume ] && resumed=yes; done
 python3 - "$out" "$code" "$wall" "$resumed" <<'PYTHON'
-import json, statistics, sys
+import statistics, sys
 from pathlib import Path
 
+from phase_cifar10.evidence import build_summary, load_seed_results, summary_table
 from phase_cifar10.records import ARMS
 
 out, code, wall, resumed = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4] == "yes"
 print(open(out / "machine.txt").read().strip())
 stopped = " (stopped at RUN_LIMIT_S: rerun with --resume to continue)" if code == "124" else ""
 print(f"run: exit code {code}{stopped}, {wall} s from start to summary")
-files = sorted(out.glob("results_seed_*.json"), key=lambda p: int(p.stem.removeprefix("results_seed_")))
-seeds = {int(p.stem.removeprefix("results_seed_")): json.loads(p.read_text()) for p in files}
-arms = [arm for arm in ARMS if any(arm in r for r in seeds.values())]
-print("no seed finished" if not seeds else "seed  " + "  ".join(f"{arm:>11}" for arm in arms) + "  phases entered after epoch")
+# The seeds that finished, in the table their summary writes (the one a README shows).
+seeds = load_seed_results(out) if any(out.glob("results_seed_*.json")) else {}
+table = summary_table(build_summary(seeds)) if seeds else ""
+print("\n".join(line for line in table.splitlines() if line.startswith("|")) or "no seed finished")
 seconds = {"train": [], "eval": []}
-for seed, r in seeds.items():
-    finals = "  ".join(f"{r[arm]['final_acc']:11.2f}" if r[arm].get("final_acc") is not None
-                       else f"{r[arm]['status']:>11}" for arm in arms)
-    after = ", ".join(f"{phase} {epoch + 1}" for phase, epoch in r["phase_aware"]["transition_epochs"].items())
-    print(f"{seed:<4}  {finals}  {after or 'none'}")
-    for arm in arms:
+for r in seeds.values():
+    for arm in (r[name] for name in ARMS if name in r):
         for kind in seconds:
-            seconds[kind] += r[arm]["per_epoch"].get(f"{kind}_seconds", [])
+            seconds[kind] += arm["per_epoch"].get(f"{kind}_seconds", [])
 if n := len(seconds["train"]):
     print(f"seconds per arm-epoch, median over {n}: training {statistics.median(seconds['train']):.2f}, "
           f"evaluation {statistics.median(seconds['eval']):.2f}"
