@@ -256,9 +256,7 @@ def check_same_machine(path, saved, config):
     seed's numbers would be neither machine's, though its results file names one. (A finished seed
     is whole: skipped wherever it ran.) A checkpoint from before the machine was recorded compares
     on torch alone."""
-    moved = [f"{key} {saved[key]!r} there, {config[key]!r} now" for key in ("machine", "torch_version")
-             if key in saved and saved[key] != config[key]]  # fmt: skip
-    if moved:
+    if moved := differences(saved, config, keys=[key for key in ("machine", "torch_version") if key in saved]):
         raise UserError(
             f"--resume: {path} was computed elsewhere ({'; '.join(moved)}); continued here, the seed's numbers "
             "would come from two machines: resume it there, or rerun with --restart to train the seed afresh"

@@ -256,13 +256,14 @@ def identity(config):
     return known | {k: config[k] for k in RECORDED_SINCE if k in config}
 
 
-def differences(before, now, where=("there", "now")):
-    """The settings in which two identities differ, as "name value there, value now" phrases."""
+def differences(before, now, where=("there", "now"), keys=(*IDENTITY, *RECORDED_SINCE)):
+    """The settings among keys in which two identities (or configs) differ, as "name value there,
+    value now" phrases."""
 
     def shown(values, key):
         return repr(values[key]) if key in values else "absent"
 
-    keys = [k for k in (*IDENTITY, *RECORDED_SINCE) if (k in before, before.get(k)) != (k in now, now.get(k))]
+    keys = [k for k in keys if (k in before, before.get(k)) != (k in now, now.get(k))]
     return [f"{k} {shown(before, k)} {where[0]}, {shown(now, k)} {where[1]}" for k in keys]
 
 
