@@ -184,6 +184,11 @@ def write_checkpoint(path, state):
     torch.save(state, path)
 
 
+def table_lines(text):
+    """The lines of the Markdown tables in text."""
+    return [line for line in text.splitlines() if line.startswith("|")]
+
+
 def one_line_error(code, stderr, *fragments):
     assert code == 2 and stderr.startswith("phase_controller.py: error: ") and stderr.count("\n") == 1, stderr
     for fragment in fragments:

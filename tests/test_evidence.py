@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, TINY, free_port, read_json, run_main, without_timings
+from helpers import ROOT, TINY, free_port, read_json, run_main, table_lines, without_timings
 
 import phase_controller as pc
 from phase_cifar10 import evidence, settings, training
@@ -386,7 +386,7 @@ def test_a_diverged_pair_is_excluded_and_deltas_keep_their_seeds(tmp_path):
     # Its table: the diverged arm named where its accuracy would be, its pair left out of the deltas,
     # no interval or p from two pairs, and each phase's epoch counted from 1 (S1 was entered at
     # index 2, S2 at 4; seed 2 diverged before S2).
-    table = [line for line in (tmp_path / "multi_seed_summary.md").read_text().splitlines() if line.startswith("|")]
+    table = table_lines((tmp_path / "multi_seed_summary.md").read_text())
     assert table == [
         "| seed | baseline final | phase_aware final | Δ vs baseline | S1 after epoch | S2 after epoch | S3 after epoch"
         " |",

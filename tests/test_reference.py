@@ -4,7 +4,7 @@ import json
 import re
 
 import pytest
-from helpers import ROOT, read_json
+from helpers import ROOT, read_json, table_lines
 
 from phase_cifar10 import evidence, study, training
 
@@ -106,10 +106,6 @@ def accuracy_cells(results):
     """The final accuracies of the three arms and the phase arm's two deltas, as a table prints them."""
     finals = [f"{results[arm]['final_acc']:.2f}" for arm in ("baseline", "phase_aware", "control")]
     return finals + [f"{results[f'delta_final_acc{s}']:+.2f}" for s in ("", "_vs_control")]
-
-
-def table_lines(text):
-    return [line for line in text.splitlines() if line.startswith("|")]
 
 
 def readme_table(heading):

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ALL_PHASES, ROOT, TINY
+from helpers import ALL_PHASES, ROOT, TINY, table_lines
 
 pytestmark = pytest.mark.skipif(not (shutil.which("bash") and shutil.which("timeout")), reason="needs bash, timeout")
 
@@ -48,10 +48,6 @@ def test_the_reproduction_script_publishes_a_folder_and_its_table_says_what_its_
     assert "run: exit code 0," in done.stdout and "summary over seeds [1, 2]" in done.stdout
     assert "2 results files; summary file written" in done.stdout
     assert {"log.txt", "machine.txt", "multi_seed_summary.json"} <= {p.name for p in out.iterdir()}
-
-
-def table_lines(text):
-    return [line for line in text.splitlines() if line.startswith("|")]
 
 
 CHECKS = ("the fast path equals eager", "a second run equals eager", "no NaN fills equals eager",
