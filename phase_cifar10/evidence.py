@@ -306,17 +306,19 @@ def print_criteria(criteria, prefix=""):
         print(f"{prefix}criterion [{verdict:>7}] {name.replace('_', ' ')}: {criterion_detail(name, c)}")
 
 
-def print_seed_result(results):
-    seed = results["config"]["seed"]
+def print_seed_result(results, run=""):
+    """A finished seed's lines: each arm's accuracies, the deltas, the transitions, the criteria; run
+    begins each line where several runs train together."""
+    who = f"{run}seed {results['config']['seed']}"
     for name in ARMS:
         if name in results:
             record = results[name]
             status = "" if record["status"] == "ok" else f"  [{arm_problem(record)}]"
             best, final = fmt_acc(record["best_acc"]), fmt_acc(record["final_acc"])
-            print(f"seed {seed} {name:<11} best {best}  final {final}{status}")
+            print(f"{who} {name:<11} best {best}  final {final}{status}")
     if CONTROL in results and results[CONTROL]["status"] == "ok":
         print(
-            f"seed {seed} control lr_mult {results[CONTROL]['fixed_lr_mult']:.4f} (matched on the total update;"
+            f"{who} control lr_mult {results[CONTROL]['fixed_lr_mult']:.4f} (matched on the total update;"
             f" the phase arm's plain mean multiplier is {results[PHASE_AWARE]['mean_lr_mult']:.4f})"
         )
     if BORROWED in results:
@@ -324,15 +326,13 @@ def print_seed_result(results):
         timing = ", ".join(
             f"{key} after epoch {epoch + 1}" for key, epoch in borrowed.get("transition_epochs", {}).items()
         )
-        print(
-            f"seed {seed} borrowed follows seed {borrowed['borrowed_from']}'s timing ({timing or 'no phase entered'})"
-        )
+        print(f"{who} borrowed follows seed {borrowed['borrowed_from']}'s timing ({timing or 'no phase entered'})")
     for other in [name for name in ARMS if name != PHASE_AWARE and name in results]:
         best, final = (results[delta_key(metric, other)] for metric in METRICS)
-        print(f"seed {seed} delta (phase_aware - {other}): best {fmt_points(best)}  final {fmt_points(final)}")
+        print(f"{who} delta (phase_aware - {other}): best {fmt_points(best)}  final {fmt_points(final)}")
     for line in results[PHASE_AWARE].get("transitions", []):
-        print(f"seed {seed} transition {line}")
-    print_criteria(seed_criteria(results), prefix=f"seed {seed} ")
+        print(f"{who} transition {line}")
+    print_criteria(seed_criteria(results), prefix=f"{who} ")
 
 
 def print_summary(summary):

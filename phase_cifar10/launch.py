@@ -291,7 +291,7 @@ def train_seeds(runs):
     for launch, plans, finished in runs:
         settings, folder = launch.settings, launch.output_dir
         for seed, results in finished.items():
-            finish_skipped_seed(seed, results, folder)
+            finish_skipped_seed(seed, results, folder, run_name(launch, runs))
         todo = {seed: plan for seed, plan in plans.items() if seed not in finished}
         for seed in todo:
             remove_leftovers(folder, seed, earlier_run=settings.restart)
@@ -311,16 +311,20 @@ def train_seeds(runs):
 
     def seed_done(job, records):
         results = seed_results(job.config, records)
-        write_seed(job.folder, job.seed, results)
+        write_seed(job.folder, job.seed, results, job.run)
         diverged.extend(f"{job.who(name)} in epoch {results[name]['diverged_epoch'] + 1}" for name in ARMS
                         if name in results and results[name]["status"] == "diverged")  # fmt: skip
 
     for (launch, todo), (_, _, finished) in zip(to_train, runs, strict=True):
-        run = f"{launch.output_dir.name}: " if len(runs) > 1 else ""
-        jobs += [replace(job, run=run, **borrowing(launch.settings, job.seed, finished))
+        jobs += [replace(job, run=run_name(launch, runs), **borrowing(launch.settings, job.seed, finished))
                  for job in seed_jobs(launch, todo, progress, on_device, stop)]  # fmt: skip
     training.train_seeds(jobs, first.settings.concurrent_arms, seed_done)
     return diverged
+
+
+def run_name(launch, runs):
+    """What begins a run's lines where several train together (a study's cells): its folder's name."""
+    return f"{launch.output_dir.name}: " if len(runs) > 1 else ""
 
 
 def donor_of(settings, seed):
@@ -339,14 +343,14 @@ def borrowing(settings, seed, finished):
     return {"donor": donor, "donor_phase": finished[donor][PHASE_AWARE] if donor in finished else None}
 
 
-def write_seed(folder, seed, results):
+def write_seed(folder, seed, results, run=""):
     """A trained seed's figure, then its results file, then its checkpoints gone; what it showed."""
     plot_seed(results, figure_path(folder, seed))
     # Last: its existence means the seed is complete (--resume skips it, --summarize reads it).
     write_json(results_path(folder, seed), results)
     remove_checkpoints(folder, seed)
-    print_seed_result(results)
-    print(f"seed {seed}: wrote {results_path(folder, seed)} and {figure_path(folder, seed).name}")
+    print_seed_result(results, run)
+    print(f"{run}seed {seed}: wrote {results_path(folder, seed)} and {figure_path(folder, seed).name}")
 
 
 def remove_leftovers(folder, seed, earlier_run):
@@ -397,13 +401,13 @@ def seed_jobs(launch, plans, progress, on_device=None, stop=None):
     ]
 
 
-def finish_skipped_seed(seed, results, folder):
+def finish_skipped_seed(seed, results, folder, run=""):
     """A finished seed under --resume: redraw a figure a kill left missing, drop leftover checkpoints."""
-    print(f"seed {seed}: {results_path(folder, seed).name} exists with these settings; skipped")
+    print(f"{run}seed {seed}: {results_path(folder, seed).name} exists with these settings; skipped")
     figure = figure_path(folder, seed)
     if not figure.exists():
         plot_seed(results, figure)
-        print(f"seed {seed}: redrew {figure.name} from the results file")
+        print(f"{run}seed {seed}: redrew {figure.name} from the results file")
     remove_checkpoints(folder, seed)
 
 

@@ -113,12 +113,17 @@ def test_the_study_states_each_arms_best_cell(whole_study):
     assert chosen in (whole_study / "study.md").read_text()
 
 
-def test_a_study_cut_off_continues_with_resume(whole_study, tmp_path, monkeypatch):
+def test_a_study_cut_off_continues_with_resume(whole_study, tmp_path, monkeypatch, capsys):
     interrupt_after(monkeypatch, epochs=7)  # within the second cell's seeds
     assert run_study("--output-dir", tmp_path, *GRID, *RUN) == 130
     monkeypatch.undo()
     assert run_study("--output-dir", tmp_path, *GRID, *RUN) == 2  # refused: --resume or --restart
+    finished = {(cell, path.stem[-1]) for cell in CELLS for path in (tmp_path / cell).glob("results_seed_*.json")}
+    capsys.readouterr()
     assert run_study("--output-dir", tmp_path, *GRID, *RUN, "--resume") == 0
+    skipped = re.findall(r"^(\S+): seed (\d): results_seed_\d.json exists with these settings; skipped",
+                         capsys.readouterr().out, re.M)  # fmt: skip
+    assert finished and sorted(skipped) == sorted(finished)  # each line names its seed's cell
     for cell in CELLS:
         assert results_files(tmp_path / cell) == results_files(whole_study / cell)
     assert (tmp_path / "study.md").read_text() == (whole_study / "study.md").read_text()
@@ -154,8 +159,12 @@ def test_each_cell_computes_in_its_own_precision_on_the_one_device(tmp_path):
 def test_cells_trained_at_once_write_each_seed_once_with_its_own_arms(whole_study, tmp_path, capsys):
     # Both cells train seeds 1, 2 and 3: a seed's arms must never meet another cell's.
     assert run_study("--output-dir", tmp_path, *GRID, *RUN, "--concurrent-arms", 8) == 0
-    written = re.findall(r"^seed (\d): wrote (\S+)", capsys.readouterr().out, re.M)
-    expected = [(str(seed), str(tmp_path / cell / f"results_seed_{seed}.json")) for seed in (1, 2, 3) for cell in CELLS]
-    assert sorted(written) == sorted(expected)
+    out = capsys.readouterr().out
+    written = re.findall(r"^(\S+): seed (\d): wrote (\S+)", out, re.M)
+    seeds = [(cell, str(seed)) for cell in CELLS for seed in (1, 2, 3)]
+    assert sorted(written) == sorted((c, s, f"{tmp_path / c}/results_seed_{s}.json") for c, s in seeds)
+    # A seed's lines name its cell: each cell reports each seed's two arms once.
+    finals = re.findall(r"^(\S+): seed (\d) (baseline|phase_aware) +best .* final ", out, re.M)
+    assert sorted(finals) == sorted((cell, seed, arm) for cell, seed in seeds for arm in ("baseline", "phase_aware"))
     for cell in CELLS:
         assert results_files(tmp_path / cell) == results_files(whole_study / cell)
