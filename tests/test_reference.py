@@ -143,3 +143,31 @@ def test_default_table_matches_the_seed_file(seed):
 def test_readme_timing_table_is_the_published_studys():
     table = readme_table("## Result: a control for the timing")
     assert table and table == table_lines((ROOT / "results" / "timing-cpu" / "study.md").read_text())
+
+
+# ----- the tuned-baseline study at the reference's scale -----
+
+TUNED = ROOT / "results" / "tuned-baseline-cpu"
+AT_REFERENCE_LR = TUNED / "base_lr=0.01"  # the reference's setting, without its control
+
+
+def test_the_tuned_study_holds_the_reference_lr():
+    assert seeds_in(AT_REFERENCE_LR)
+
+
+def test_readme_tuned_baseline_table_is_the_published_studys():
+    table = readme_table("## Result: a tuned baseline")
+    assert table and table == table_lines((TUNED / "study.md").read_text())
+
+
+@pytest.mark.parametrize("seed", seeds_in(AT_REFERENCE_LR))
+def test_the_tuned_studys_cell_at_the_reference_lr_reproduces_the_reference(seed):
+    # Other code, another CPU generation, another run: every logged number but the times the same.
+    cell, reference = (read_json(folder / f"results_seed_{seed}.json") for folder in (AT_REFERENCE_LR, REFERENCE))
+    assert cell["config"]["base_lr"] == reference["config"]["base_lr"] == 0.01
+    for arm in ("baseline", "phase_aware"):
+        both = set(cell[arm]["per_epoch"]) & set(reference[arm]["per_epoch"])  # the reference predates "steps"
+        logged = sorted(key for key in both if not key.endswith("_seconds"))
+        assert {"train_loss", "eval_loss", "eval_acc", "val_acc", "lr"} <= set(logged)
+        assert [cell[arm]["per_epoch"][key] for key in logged] == [reference[arm]["per_epoch"][key] for key in logged]
+        assert cell[arm]["final_acc"] == reference[arm]["final_acc"]
