@@ -189,6 +189,11 @@ def table_lines(text):
     return [line for line in text.splitlines() if line.startswith("|")]
 
 
+def row_cells(line):
+    """The cells of a Markdown table's row, stripped."""
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
 def one_line_error(code, stderr, *fragments):
     assert code == 2 and stderr.startswith("phase_controller.py: error: ") and stderr.count("\n") == 1, stderr
     for fragment in fragments:

@@ -4,7 +4,7 @@ import json
 import re
 
 import pytest
-from helpers import ROOT, read_json, table_lines
+from helpers import ROOT, read_json, row_cells, table_lines
 
 from phase_cifar10 import evidence, study, training
 
@@ -98,8 +98,8 @@ def test_a_published_controls_multiplier_is_the_one_every_python_computes_from_i
 def table_rows(path, heading):
     """{seed or "mean": cells} of the table in the section of a Markdown file under heading."""
     text = path.read_text().split(heading, 1)[1].split("\n## ", 1)[0]
-    rows = [line.strip("|").split("|") for line in text.splitlines() if re.match(r"\| (\d+|\*\*mean\*\*) \|", line)]
-    return {cells[0].strip().strip("*"): [c.strip() for c in cells[1:]] for cells in rows}
+    rows = [row_cells(line) for line in text.splitlines() if re.match(r"\| (\d+|\*\*mean\*\*) \|", line)]
+    return {cells[0].strip("*"): cells[1:] for cells in rows}
 
 
 def accuracy_cells(results):

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ALL_PHASES, ROOT, TINY, table_lines
+from helpers import ALL_PHASES, ROOT, TINY, row_cells, table_lines
 
 pytestmark = pytest.mark.skipif(not (shutil.which("bash") and shutil.which("timeout")), reason="needs bash, timeout")
 
@@ -39,9 +39,7 @@ def test_the_reproduction_script_publishes_a_folder_and_its_table_says_what_its_
     for seed in (1, 2):
         results = json.loads((out / f"results_seed_{seed}.json").read_text())
         finals = [f"{results[arm]['final_acc']:.2f}" for arm in ("baseline", "phase_aware", "control")]
-        row = next(
-            [cell.strip() for cell in line.strip("|").split("|")] for line in printed if line.startswith(f"| {seed} |")
-        )
+        row = next(row_cells(line) for line in printed if line.startswith(f"| {seed} |"))
         assert row[1:4] == finals and len(set(finals)) > 1
         entered = results["phase_aware"]["transition_epochs"]  # S1, S2, S3: after the epoch, counted from 1
         assert row[6:] == [str(entered[phase] + 1) if phase in entered else "never" for phase in ("S1", "S2", "S3")]
