@@ -9,6 +9,7 @@ from phase_controller import S1_BOUNDARY, S2_AXIS_LOCK
 
 from .figures import plot_summary
 from .files import UserError, write_atomically, write_json
+from .progress import seed_name
 from .records import (
     ARMS,
     BASELINE,
@@ -309,7 +310,7 @@ def print_criteria(criteria, prefix=""):
 def print_seed_result(results, run=""):
     """A finished seed's lines: each arm's accuracies, the deltas, the transitions, the criteria; run
     begins each line where several runs train together."""
-    who = f"{run}seed {results['config']['seed']}"
+    who = seed_name(results["config"]["seed"], run)
     for name in ARMS:
         if name in results:
             record = results[name]

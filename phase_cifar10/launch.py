@@ -30,7 +30,7 @@ from .files import (
 )
 from .loader import DeviceSplit
 from .model import MOMENTUM, WEIGHT_DECAY, memory_format_for, parameter_count
-from .progress import Progress
+from .progress import Progress, seed_name
 from .ranks import Meeting, distributed_env, exchange, join_ranks, on_every_rank
 from .records import (
     ARMS,
@@ -350,7 +350,7 @@ def write_seed(folder, seed, results, run=""):
     write_json(results_path(folder, seed), results)
     remove_checkpoints(folder, seed)
     print_seed_result(results, run)
-    print(f"{run}seed {seed}: wrote {results_path(folder, seed)} and {figure_path(folder, seed).name}")
+    print(f"{seed_name(seed, run)}: wrote {results_path(folder, seed)} and {figure_path(folder, seed).name}")
 
 
 def remove_leftovers(folder, seed, earlier_run):
@@ -403,11 +403,11 @@ def seed_jobs(launch, plans, progress, on_device=None, stop=None):
 
 def finish_skipped_seed(seed, results, folder, run=""):
     """A finished seed under --resume: redraw a figure a kill left missing, drop leftover checkpoints."""
-    print(f"{run}seed {seed}: {results_path(folder, seed).name} exists with these settings; skipped")
+    print(f"{seed_name(seed, run)}: {results_path(folder, seed).name} exists with these settings; skipped")
     figure = figure_path(folder, seed)
     if not figure.exists():
         plot_seed(results, figure)
-        print(f"{run}seed {seed}: redrew {figure.name} from the results file")
+        print(f"{seed_name(seed, run)}: redrew {figure.name} from the results file")
     remove_checkpoints(folder, seed)
 
 

@@ -48,6 +48,11 @@ class Progress:
             print(f"first batches at {images / seconds:,.0f} images/s: about {duration(total)} for this run")
 
 
+def seed_name(seed, run=""):
+    """How the console names a seed; run ("NAME: ") begins it where several runs train together."""
+    return f"{run}seed {seed}"
+
+
 def duration(seconds):
     minutes = int(seconds // 60)
     return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{int(seconds % 60):02d}s"

@@ -21,7 +21,7 @@ from phase_controller import PHASES, PhaseController, PhaseScheduler
 from .files import RESTART, UserError, append_to_file, one_line, os_error, signals_deferred, write_atomically
 from .loader import DeviceSplit
 from .model import MOMENTUM, WEIGHT_DECAY, base_lr_at, build_model
-from .progress import Progress, show_batches
+from .progress import Progress, seed_name, show_batches
 from .records import (
     ARM_LOGS,
     ARMS,
@@ -67,7 +67,7 @@ class SeedJob:
 
     def who(self, arm):
         """How the console names one of the seed's arms."""
-        return f"{self.run}seed {self.seed} {arm}"
+        return f"{seed_name(self.seed, self.run)} {arm}"
 
 
 def train_seeds(jobs, concurrent_arms, seed_done):
