@@ -27,7 +27,7 @@ from .records import (
     summary_path,
     transition_epoch,
 )
-from .settings import differences, identity
+from .settings import RECORDED_SINCE, identity
 
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
@@ -116,22 +116,30 @@ def seed_results(config, records):
 
 
 def load_seed_results(folder, seeds=None):
-    """{seed: results} from results_seed_N.json files, refusing any whose run settings disagree."""
+    """{seed: results} from results_seed_N.json files, refusing any whose run settings or data
+    disagree. The settings that older files lack (RECORDED_SINCE: the data's fingerprint, the
+    threads) are compared among the files that hold them; the others are named, as not checked."""
     folder = Path(folder)
     if seeds is None:
         seeds = seeds_with_results(folder)
         if not seeds:
             raise UserError(f"no {results_path(folder, 'N').name} files in {folder}")
-    results, reference = {}, None
+    results, first, unrecorded = {}, {}, []  # first: each setting's (file, value) in the first file holding it
     for seed in sorted(seeds):
         path = results_path(folder, seed)
         results[seed] = read_results_file(path, seed)
-        settings = identity(results[seed]["config"])
-        if reference is None:
-            reference = (path, settings)
-        elif differing := differences(reference[1], settings, (f"in {reference[0].name}", f"in {path.name}")):
-            raise UserError(f"{path.name} and {reference[0].name} were run with different settings or data: "
+        settings, differing = identity(results[seed]["config"]), []
+        for key, value in settings.items():
+            there, expected = first.setdefault(key, (path.name, value))
+            if value != expected:
+                differing.append(f"{key} {expected!r} in {there}, {value!r} in {path.name}")
+        if differing:
+            raise UserError(f"{path.name} and the files before it were run with different settings or data: "
                             f"{'; '.join(differing)}")  # fmt: skip
+        if not set(RECORDED_SINCE) <= settings.keys():
+            unrecorded.append(path.name)
+    if unrecorded and len(unrecorded) < len(results):
+        print(f"not checked: {', '.join(unrecorded)} predate the record of {' and '.join(RECORDED_SINCE)}")
     return results
 
 
@@ -210,7 +218,9 @@ def build_summary(results):
     seeds = sorted(results)
     results = {s: results[s] for s in seeds}
     arms = [a for a in ARMS if a in results[seeds[0]]]
-    summary = {"seeds": seeds, "config": identity(results[seeds[0]]["config"]), "arms": {}, "comparisons": {}}
+    held = [identity(results[s]["config"]) for s in seeds]  # older files lack the RECORDED_SINCE settings
+    config = {key: value for key, value in held[0].items() if all(key in settings for settings in held)}
+    summary = {"seeds": seeds, "config": config, "arms": {}, "comparisons": {}}
     for name in arms:
         summary["arms"][name] = {metric: arm_statistics(results, name, metric) for metric in METRICS}
         summary["arms"][name]["status"] = {str(s): results[s][name]["status"] for s in seeds}

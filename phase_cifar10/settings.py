@@ -256,7 +256,7 @@ def identity(config):
     return known | {k: config[k] for k in RECORDED_SINCE if k in config}
 
 
-def differences(before, now, where=("there", "now"), keys=(*IDENTITY, *RECORDED_SINCE)):
+def differences(before, now, keys=(*IDENTITY, *RECORDED_SINCE)):
     """The settings among keys in which two identities (or configs) differ, as "name value there,
     value now" phrases."""
 
@@ -264,7 +264,7 @@ def differences(before, now, where=("there", "now"), keys=(*IDENTITY, *RECORDED_
         return repr(values[key]) if key in values else "absent"
 
     keys = [k for k in keys if (k in before, before.get(k)) != (k in now, now.get(k))]
-    return [f"{k} {shown(before, k)} {where[0]}, {shown(now, k)} {where[1]}" for k in keys]
+    return [f"{k} {shown(before, k)} there, {shown(now, k)} now" for k in keys]
 
 
 def check_config(config):

@@ -3,6 +3,7 @@ and a rerun, a resume or a summary over other data, threads, seeds or runs. Each
 line or survived, never a silent wrong result and never lost work."""
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -167,6 +168,31 @@ def test_summarize_refuses_seeds_trained_on_other_data(tmp_path):
     assert len(set(fingerprints)) == 2 and all(len(f) == 16 for f in fingerprints)
     code, _, stderr = run_main(["--summarize", tmp_path / "out"])
     one_line_error(code, stderr, "were run with different settings or data: data_fingerprint")
+
+
+def test_summarize_checks_data_and_threads_among_the_files_that_record_them(tmp_path):
+    # A results file from before the fingerprint and thread count were recorded, beside newer ones:
+    # it joins their summary, named as not checked, while the newer ones are still compared.
+    write_cifar_folder(tmp_path / "a", per_batch=20, seed=0)
+    write_cifar_folder(tmp_path / "b", per_batch=20, seed=1)
+    argv = ["--width", "4", "--batch-size", "50", "--epochs", "1", "--device", "cpu", "--bf16", "off"]
+    for seed, data in ((1, "a"), (2, "a"), (3, "b")):
+        code, _, stderr = run_main(
+            [*argv, "--seed", seed, "--data-dir", tmp_path / data, "--output-dir", tmp_path / "out"]
+        )
+        assert code == 0, stderr
+    older = tmp_path / "out" / "results_seed_1.json"  # sorted first: the one the others met first
+    results = read_json(older)
+    del results["config"]["data_fingerprint"], results["config"]["threads"]
+    older.write_text(json.dumps(results))
+    code, _, stderr = run_main(["--summarize", tmp_path / "out"])
+    one_line_error(code, stderr, "data_fingerprint '", "in results_seed_2.json", "in results_seed_3.json")
+    (tmp_path / "out" / "results_seed_3.json").unlink()
+    code, stdout, stderr = run_main(["--summarize", tmp_path / "out"])
+    assert code == 0, stderr
+    assert "not checked: results_seed_1.json predate the record of data_fingerprint and threads" in stdout
+    config = read_json(tmp_path / "out" / "multi_seed_summary.json")["config"]
+    assert config["width"] == 4 and "data_fingerprint" not in config and "threads" not in config
 
 
 def test_resume_under_another_thread_count_is_refused(tmp_path, monkeypatch):
