@@ -128,13 +128,14 @@ def load_seed_results(folder, seeds=None):
     for seed in sorted(seeds):
         path = results_path(folder, seed)
         results[seed] = read_results_file(path, seed)
-        settings, differing = identity(results[seed]["config"]), []
+        settings, differing, others = identity(results[seed]["config"]), [], {}
         for key, value in settings.items():
             there, expected = first.setdefault(key, (path.name, value))
             if value != expected:
                 differing.append(f"{key} {expected!r} in {there}, {value!r} in {path.name}")
+                others[there] = None  # an ordered set
         if differing:
-            raise UserError(f"{path.name} and the files before it were run with different settings or data: "
+            raise UserError(f"{' and '.join([path.name, *others])} were run with different settings or data: "
                             f"{'; '.join(differing)}")  # fmt: skip
         if not set(RECORDED_SINCE) <= settings.keys():
             unrecorded.append(path.name)
