@@ -7,6 +7,7 @@ import pytest
 from helpers import ROOT, read_json, row_cells, table_lines
 
 from phase_cifar10 import evidence, study, training
+from phase_controller import PhaseController
 
 REFERENCE = ROOT / "results" / "reference-cpu"
 DEFAULT = ROOT / "results" / "default-cpu"  # the default reproduction, seed by seed
@@ -166,8 +167,72 @@ def test_the_tuned_studys_cell_at_the_reference_lr_reproduces_the_reference(seed
     cell, reference = (read_json(folder / f"results_seed_{seed}.json") for folder in (AT_REFERENCE_LR, REFERENCE))
     assert cell["config"]["base_lr"] == reference["config"]["base_lr"] == 0.01
     for arm in ("baseline", "phase_aware"):
-        both = set(cell[arm]["per_epoch"]) & set(reference[arm]["per_epoch"])  # the reference predates "steps"
-        logged = sorted(key for key in both if not key.endswith("_seconds"))
-        assert {"train_loss", "eval_loss", "eval_acc", "val_acc", "lr"} <= set(logged)
-        assert [cell[arm]["per_epoch"][key] for key in logged] == [reference[arm]["per_epoch"][key] for key in logged]
+        ours, theirs = logged_epochs(cell[arm], reference[arm])
+        assert ours == theirs
         assert cell[arm]["final_acc"] == reference[arm]["final_acc"]
+
+
+def logged_epochs(*records):
+    """Each arm record's logged numbers epoch by epoch, of the keys every one logs, times aside
+    (the reference predates the "steps" record)."""
+    keys = set.intersection(*(set(record["per_epoch"]) for record in records))
+    keys = sorted(key for key in keys if not key.endswith("_seconds"))
+    assert {"train_loss", "eval_loss", "eval_acc", "val_acc", "lr"} <= set(keys)
+    return [[dict(zip(keys, epoch, strict=True)) for epoch in zip(*(r["per_epoch"][k] for k in keys), strict=True)]
+            for r in records]  # fmt: skip
+
+
+# ----- thresholds where S2 acts, at the reference's scale -----
+
+THRESHOLDS = ROOT / "results" / "thresholds-cpu"
+THRESHOLD_SEEDS = sorted(THRESHOLDS.glob("*/results_seed_*.json"))
+
+
+def test_readme_thresholds_table_is_the_published_studys():
+    table = readme_table("## Result: thresholds where S2 acts")
+    assert table and table == table_lines((THRESHOLDS / "study.md").read_text())
+
+
+@pytest.mark.parametrize("path", THRESHOLD_SEEDS, ids=lambda p: str(p.relative_to(THRESHOLDS)))
+def test_a_threshold_cell_is_the_reference_until_s2_applies(path):
+    # The reference ran in absolute mode at --s2-threshold 0.005; a relative δL crosses the same
+    # S1 threshold after the same epoch here. So the baseline, which no controller touches, is the
+    # reference's everywhere, and the phase arm is the reference's up to the epoch after which S2
+    # was detected, then departs from it as S2's multiplier and accumulation apply.
+    cell = read_json(path)
+    reference = read_json(REFERENCE / path.name)
+    assert cell["config"]["dl_mode"] == "relative"
+    assert reference["config"].get("dl_mode", "absolute") == "absolute"  # older seeds predate the setting
+    ours, theirs = logged_epochs(cell["baseline"], reference["baseline"])
+    assert ours == theirs
+    ours, theirs = logged_epochs(cell["phase_aware"], reference["phase_aware"])
+    s2 = cell["phase_aware"]["transition_epochs"]["S2"]  # S2 fires in every seed of these cells
+    expected = relative(theirs[: s2 + 1])
+    expected[s2]["phase"] = "S2_AXIS_LOCK"  # the phase it ended in, having trained in S1 like the reference's
+    assert ours[: s2 + 1] == expected
+    assert ours[s2 + 1]["train_loss"] != theirs[s2 + 1]["train_loss"]
+
+
+HELD_OUT = (1, 2, 3, 4, 5)  # the reference's seeds the thresholds were chosen on, none of them in the study
+
+
+def test_the_thresholds_were_chosen_where_s2_fires_on_the_held_out_seeds_baselines():
+    # The study README's replay table, recomputed with the library alone: the relative S2
+    # threshold, then the epoch after which S2 fires over each held-out seed's baseline curve.
+    text = (THRESHOLDS / "README.md").read_text().split("## Why these thresholds", 1)[1].split("\n## ", 1)[0]
+    rows = [row_cells(line) for line in table_lines(text)[2:]]
+    assert {row[0] for row in rows} >= {"0.04", "0.05"}  # the study's two cells among them
+    for threshold, epochs in rows:
+        fired = []
+        for seed in HELD_OUT:
+            controller = PhaseController(s2_threshold=float(threshold), dl_mode="relative")
+            for loss in read_json(REFERENCE / f"results_seed_{seed}.json")["baseline"]["per_epoch"]["train_loss"]:
+                controller.observe(loss)
+            entered = controller.transition_epochs
+            fired.append(str(entered["S2"] + 1) if "S2" in entered else "never")
+        assert epochs == ", ".join(fired), threshold
+
+
+def relative(epochs):
+    """Logged epochs with δL as dl_mode "relative" has it: divided by the epoch's training loss."""
+    return [epoch | {"dL": epoch["dL"] / epoch["train_loss"]} for epoch in epochs]
