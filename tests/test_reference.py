@@ -213,6 +213,11 @@ def test_a_threshold_cell_is_the_reference_until_s2_applies(path):
     assert ours[s2 + 1]["train_loss"] != theirs[s2 + 1]["train_loss"]
 
 
+def relative(epochs):
+    """Logged epochs with δL as dl_mode "relative" has it: divided by the epoch's training loss."""
+    return [epoch | {"dL": epoch["dL"] / epoch["train_loss"]} for epoch in epochs]
+
+
 HELD_OUT = (1, 2, 3, 4, 5)  # the reference's seeds the thresholds were chosen on, none of them in the study
 
 
@@ -222,6 +227,7 @@ def test_the_thresholds_were_chosen_where_s2_fires_on_the_held_out_seeds_baselin
     text = (THRESHOLDS / "README.md").read_text().split("## Why these thresholds", 1)[1].split("\n## ", 1)[0]
     rows = [row_cells(line) for line in table_lines(text)[2:]]
     assert {row[0] for row in rows} >= {"0.04", "0.05"}  # the study's two cells among them
+    assert THRESHOLD_SEEDS and not {read_json(path)["config"]["seed"] for path in THRESHOLD_SEEDS} & set(HELD_OUT)
     for threshold, epochs in rows:
         fired = []
         for seed in HELD_OUT:
@@ -231,8 +237,3 @@ def test_the_thresholds_were_chosen_where_s2_fires_on_the_held_out_seeds_baselin
             entered = controller.transition_epochs
             fired.append(str(entered["S2"] + 1) if "S2" in entered else "never")
         assert epochs == ", ".join(fired), threshold
-
-
-def relative(epochs):
-    """Logged epochs with δL as dl_mode "relative" has it: divided by the epoch's training loss."""
-    return [epoch | {"dL": epoch["dL"] / epoch["train_loss"]} for epoch in epochs]
