@@ -96,10 +96,14 @@ def test_a_published_controls_multiplier_is_the_one_every_python_computes_from_i
     assert training.matched_lr_mult(results["phase_aware"], results["config"]) == results["control"]["fixed_lr_mult"]
 
 
+def section_table(path, heading):
+    """The table lines of the section of a Markdown file under heading."""
+    return table_lines(path.read_text().split(heading, 1)[1].split("\n## ", 1)[0])
+
+
 def table_rows(path, heading):
     """{seed or "mean": cells} of the table in the section of a Markdown file under heading."""
-    text = path.read_text().split(heading, 1)[1].split("\n## ", 1)[0]
-    rows = [row_cells(line) for line in text.splitlines() if re.match(r"\| (\d+|\*\*mean\*\*) \|", line)]
+    rows = [row_cells(line) for line in section_table(path, heading) if re.match(r"\| (\d+|\*\*mean\*\*) \|", line)]
     return {cells[0].strip("*"): cells[1:] for cells in rows}
 
 
@@ -111,7 +115,7 @@ def accuracy_cells(results):
 
 def readme_table(heading):
     """The table lines of the README's section under heading."""
-    return table_lines((ROOT / "README.md").read_text().split(heading, 1)[1].split("\n## ", 1)[0])
+    return section_table(ROOT / "README.md", heading)
 
 
 def test_readme_reference_table_is_its_summarys_table():  # which a test above checks against the seed files
@@ -224,8 +228,7 @@ HELD_OUT = (1, 2, 3, 4, 5)  # the reference's seeds the thresholds were chosen o
 def test_the_thresholds_were_chosen_where_s2_fires_on_the_held_out_seeds_baselines():
     # The study README's replay table, recomputed with the library alone: the relative S2
     # threshold, then the epoch after which S2 fires over each held-out seed's baseline curve.
-    text = (THRESHOLDS / "README.md").read_text().split("## Why these thresholds", 1)[1].split("\n## ", 1)[0]
-    rows = [row_cells(line) for line in table_lines(text)[2:]]
+    rows = [row_cells(line) for line in section_table(THRESHOLDS / "README.md", "## Why these thresholds")[2:]]
     assert {row[0] for row in rows} >= {"0.04", "0.05"}  # the study's two cells among them
     assert THRESHOLD_SEEDS and not {read_json(path)["config"]["seed"] for path in THRESHOLD_SEEDS} & set(HELD_OUT)
     for threshold, epochs in rows:
